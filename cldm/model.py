@@ -1,0 +1,216 @@
+"""Model creation and checkpoint loading: the one checkpoint loader of this project.
+
+``create_model`` and ``load_state_dict`` keep the reference's API. ``load_model`` is the fast path
+the scripts use: it builds the model on the meta device and assigns the memory-mapped checkpoint
+tensors to it, so the weights are never held twice in RAM.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config
+
+# Buffers some checkpoints carry that the model recreates itself (transformers 4.x saved it).
+IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+# Buffers the reference code saves but that a checkpoint may lack; the model's own value is used.
+OPTIONAL_KEYS = ("logvar",)
+CLIP_PREFIX = "cond_stage_model.transformer."
+CHECKPOINT_EXTENSIONS = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config that cannot be used; the message is one line naming the file."""
+
+
+def _shorten(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def get_state_dict(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Unwrap a Lightning-style ``{"state_dict": ...}`` checkpoint."""
+    return d.get("state_dict", d)
+
+
+def _read_checkpoint(path: Path, location: str) -> Mapping[str, Any]:
+    if path.suffix.lower() == ".safetensors":
+        import safetensors.torch
+
+        return safetensors.torch.load_file(str(path), device=location)
+    try:
+        return torch.load(path, map_location=location, weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        # legacy (pre-zip) serialization cannot be memory-mapped
+        return torch.load(path, map_location=location, weights_only=True)
+
+
+def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop ignorable buffers and give transformers-5-style CLIP keys the released ``text_model.`` level."""
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        if key in IGNORED_KEYS:
+            continue
+        if key.startswith(CLIP_PREFIX) and not key.startswith(CLIP_PREFIX + "text_model."):
+            key = CLIP_PREFIX + "text_model." + key[len(CLIP_PREFIX):]
+            if key in IGNORED_KEYS:
+                continue
+        out[key] = value
+    return out
+
+
+def load_state_dict(ckpt_path: str | os.PathLike, location: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a ``.ckpt``/``.pth`` (memory-mapped, weights only) or ``.safetensors`` checkpoint.
+
+    Returns the flat state dict with keys normalised by :func:`normalize_keys`. Raises
+    :class:`CheckpointError` with a one-line message for a missing, truncated or corrupt file.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        data = _read_checkpoint(path, location)
+    except Exception as err:  # torch, zipfile, pickle and safetensors errors all mean "unreadable"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from err
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+    state_dict = get_state_dict(data)
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: contains no tensors")
+    return normalize_keys(tensors)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly the model's keys and shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and k not in OPTIONAL_KEYS]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_shorten(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_shorten(unexpected)})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors with the wrong shape ({_shorten(wrong, 2)})")
+    if problems:
+        raise CheckpointError(f"{name}: does not match the model config: " + "; ".join(problems))
+
+
+def read_config(config_path: str | os.PathLike) -> Any:
+    path = Path(config_path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config file not found")
+    try:
+        config = OmegaConf.load(path)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable yaml config: {str(err).splitlines()[0]}") from err
+    if "model" not in config or "target" not in config.model:
+        raise CheckpointError(f"{path}: config has no model.target")
+    return config
+
+
+def create_model(config_path: str | os.PathLike) -> nn.Module:
+    """Build the model of a yaml config with freshly initialised weights, on the CPU (reference API)."""
+    config = read_config(config_path)
+    return instantiate_from_config(config.model).cpu()
+
+
+def _materialize_nonpersistent(model: nn.Module) -> None:
+    for module in model.modules():
+        reset = getattr(module, "reset_position_ids", None)
+        if reset is not None:
+            reset()
+    leftover = [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        raise RuntimeError(f"buffers left uninitialised after loading: {leftover[:3]}")
+
+
+def load_model(
+    config_path: str | os.PathLike,
+    ckpt_path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Build the config's model and load ``ckpt_path`` into it without a second copy of the weights.
+
+    The model is created on the meta device, the checkpoint is memory-mapped and its tensors become
+    the parameters (cast only where their dtype differs from ``dtype``). Returns the model in eval
+    mode on ``device``. Raises :class:`CheckpointError` on any config or checkpoint problem.
+    """
+    config = read_config(config_path)
+    state_dict = load_state_dict(ckpt_path)
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    check_state_dict(model, state_dict, str(ckpt_path))
+    state_dict = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    _materialize_nonpersistent(model)
+    return model.to(torch.device(device)).eval()
+
+
+def fill_zero_parameters(model: nn.Module, std: float, generator: torch.Generator) -> int:
+    """Give every all-zero floating parameter N(0, std) values; returns how many tensors changed.
+
+    Zero-initialised layers (zero convs, ``proj_out``, the UNet's output conv) make a random model
+    ignore its control and predict zero noise; filling them gives checkpoints that exercise every path.
+    """
+    changed = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
+                changed += 1
+    return changed
+
+
+def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write ``{"state_dict": ...}`` atomically (``.safetensors`` for that suffix, else torch.save)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            import safetensors.torch
+
+            safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
+        else:
+            torch.save({"state_dict": dict(state_dict)}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def make_random_checkpoint(
+    config_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    seed: int = 0,
+    fill_zeros_std: float = 0.0,
+) -> dict[str, tuple[int, ...]]:
+    """Write a seeded random-weight checkpoint in the exact reference layout of ``config_path``.
+
+    With ``fill_zeros_std > 0`` the zero-initialised layers get small random values too.
+    Returns the written keys and shapes.
+    """
+    torch.manual_seed(seed)
+    model = create_model(config_path)
+    if fill_zeros_std > 0:
+        fill_zero_parameters(model, fill_zeros_std, torch.Generator().manual_seed(seed + 1))
+    state_dict = model.state_dict()
+    save_checkpoint(state_dict, out_path)
+    return {k: tuple(v.shape) for k, v in state_dict.items()}

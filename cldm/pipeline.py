@@ -1,0 +1,146 @@
+"""Canny-to-image generation: the pipeline shared by ``cpu_canny2image.py`` and the Gradio page.
+
+Same steps and defaults as the reference ``gradio_canny2image.py``'s ``process``: resize, Canny,
+CLIP text encoding, DDIM with classifier-free guidance over UNet + ControlNet, VAE decode.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from annotator.canny import CannyDetector
+from annotator.util import HWC3, resize_image
+from cldm.cldm import control_scales_for
+from cldm.model import load_model, make_random_checkpoint
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import seed_everything
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "models" / "cldm_v15.yaml"
+DEFAULT_CKPT = REPO / "models" / "control_sd15_canny.pth"
+TINY_CONFIG = REPO / "models" / "cldm_tiny.yaml"
+TINY_CKPT = REPO / "models" / "control_tiny_random.ckpt"
+CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/blob/main/models/control_sd15_canny.pth"
+MAX_SEED = 2**31 - 1
+
+
+@dataclass
+class CannyParams:
+    """The reference demo's controls, with its defaults and ranges."""
+
+    prompt: str = ""
+    a_prompt: str = "best quality, extremely detailed"
+    n_prompt: str = (
+        "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
+        "worst quality, low quality"
+    )
+    num_samples: int = 1
+    image_resolution: int = 512
+    ddim_steps: int = 20
+    guess_mode: bool = False
+    strength: float = 1.0
+    scale: float = 9.0
+    seed: int = -1
+    eta: float = 0.0
+    low_threshold: int = 100
+    high_threshold: int = 200
+
+    RANGES = {
+        "num_samples": (1, 12),
+        "image_resolution": (64, 2048),
+        "ddim_steps": (1, 1000),
+        "strength": (0.0, 2.0),
+        "scale": (0.1, 30.0),
+        "seed": (-1, MAX_SEED),
+        "eta": (0.0, 1.0),
+        "low_threshold": (1, 255),
+        "high_threshold": (1, 255),
+    }
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first out-of-range parameter."""
+        for name, (lo, hi) in self.RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(
+                f"low_threshold ({self.low_threshold}) must not exceed high_threshold ({self.high_threshold})"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ensure_tiny_checkpoint(path: Path = TINY_CKPT, config: Path = TINY_CONFIG) -> Path:
+    """Create the seeded tiny random-weight demo checkpoint if it is not there yet."""
+    if not path.is_file():
+        make_random_checkpoint(config, path, seed=0, fill_zeros_std=0.02)
+    return path
+
+
+def missing_checkpoint_message(ckpt: Path) -> str:
+    return (
+        f"{ckpt} not found: this needs the ControlNet canny checkpoint (5.7 GB). Download "
+        f"control_sd15_canny.pth from {CKPT_URL} into models/. Until then the tiny random-weight demo "
+        f"runs instead ({TINY_CONFIG.relative_to(REPO)}; images are noise, it only shows the pipeline works); "
+        "ask for it explicitly with --demo."
+    )
+
+
+class Canny2Image:
+    """Loaded model + sampler; call with an image and :class:`CannyParams`."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model = model
+        self.device = device
+        self.sampler = DDIMSampler(model)
+        self.apply_canny = CannyDetector()
+
+    @classmethod
+    def from_checkpoint(cls, config: str | Path, ckpt: str | Path, device: torch.device) -> Canny2Image:
+        return cls(load_model(config, ckpt, device=device), device)
+
+    def edges(self, input_image: np.ndarray, params: CannyParams) -> np.ndarray:
+        """Resized HWC uint8 Canny edge map (white edges on black), as fed to the ControlNet."""
+        img = resize_image(HWC3(input_image), params.image_resolution)
+        return HWC3(self.apply_canny(img, params.low_threshold, params.high_threshold))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_image: np.ndarray,
+        params: CannyParams,
+        callback: Callable[[int], None] | None = None,
+        progress: bool = True,
+    ) -> tuple[list[np.ndarray], int]:
+        """Return ``([255 - edge map, sample_1, ...], seed)``: HWC uint8 images, as the reference demo."""
+        params.validate()
+        detected_map = self.edges(input_image, params)
+        height, width = detected_map.shape[:2]
+        n = params.num_samples
+        control = torch.from_numpy(detected_map.copy()).float().to(self.device) / 255.0
+        control = control.permute(2, 0, 1)[None].repeat(n, 1, 1, 1)
+        seed = random.randint(0, 65535) if params.seed == -1 else params.seed
+        seed_everything(seed)
+        model = self.model
+        cond = {"c_concat": [control], "c_crossattn": [model.get_learned_conditioning([params.prompt + ", " + params.a_prompt] * n)]}  # noqa: E501
+        un_cond = {
+            "c_concat": None if params.guess_mode else [control],
+            "c_crossattn": [model.get_learned_conditioning([params.n_prompt] * n)],
+        }
+        model.control_scales = control_scales_for(params.strength, params.guess_mode)
+        samples, _ = self.sampler.sample(
+            params.ddim_steps, n, (4, height // 8, width // 8), cond, verbose=False, eta=params.eta,
+            unconditional_guidance_scale=params.scale, unconditional_conditioning=un_cond,
+            callback=callback, progress=progress,
+        )  # fmt: skip
+        x_samples = model.decode_first_stage(samples)
+        x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy().clip(0, 255).astype(np.uint8)
+        return [255 - detected_map] + [x_samples[i] for i in range(n)], seed

@@ -1,0 +1,151 @@
+"""Canny edges -> image with SD1.5 + ControlNet on the CPU (the reference canny demo as a CLI).
+
+    python cpu_canny2image.py --input test_imgs/astronaut.png --prompt "an astronaut, best quality"
+
+Writes the edge map and each sample as PNG to --output-dir. Without models/control_sd15_canny.pth
+it explains where to get it and runs the tiny random-weight demo instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_IMAGE = REPO / "test_imgs" / "astronaut.png"
+DEFAULT_PROMPT = "an astronaut in a white space suit, best quality"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cldm.pipeline import DEFAULT_CKPT, DEFAULT_CONFIG, CannyParams
+    from ldm.device import DEVICE_CHOICES, DEVICE_ENV
+
+    d = CannyParams()
+    p = argparse.ArgumentParser(description="Canny edge map -> image with Stable Diffusion 1.5 + ControlNet.")
+    p.add_argument("-i", "--input", "--input-image", dest="input", default=str(DEFAULT_IMAGE),
+                   help="input image (default: %(default)s)")
+    p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="prompt (default: %(default)r)")
+    p.add_argument("--a-prompt", "--added-prompt", dest="a_prompt", default=d.a_prompt, help="added prompt")
+    p.add_argument("--n-prompt", "--negative-prompt", dest="n_prompt", default=d.n_prompt, help="negative prompt")
+    p.add_argument("-n", "--num-samples", type=int, default=d.num_samples, help="images to generate (1-12)")
+    p.add_argument("--image-resolution", type=int, default=None,
+                   help="short side in pixels, rounded to a multiple of 64 (default 512; 256 for the tiny demo)")
+    p.add_argument("--ddim-steps", "--steps", dest="ddim_steps", type=int, default=d.ddim_steps, help="DDIM steps")
+    p.add_argument("--guess-mode", action="store_true", help="guess mode: no prompt needed, control drives")
+    p.add_argument("--strength", "--control-strength", dest="strength", type=float, default=d.strength,
+                   help="control strength (0-2)")
+    p.add_argument("--scale", "--guidance-scale", dest="scale", type=float, default=d.scale, help="guidance scale")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed, -1 for a random one")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--low-threshold", type=int, default=d.low_threshold, help="Canny low threshold (1-255)")
+    p.add_argument("--high-threshold", type=int, default=d.high_threshold, help="Canny high threshold (1-255)")
+    p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {DEFAULT_CKPT.relative_to(REPO)})")
+    p.add_argument("--config", default=None, help=f"model config (default: {DEFAULT_CONFIG.relative_to(REPO)})")
+    p.add_argument("--demo", action="store_true", help="run the tiny random-weight demo model")
+    p.add_argument("-o", "--output-dir", default="outputs", help="where PNGs are written (default: %(default)s)")
+    p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    return p
+
+
+def read_image(path: Path) -> np.ndarray:
+    """HWC uint8 array (L, RGB or RGBA) of the image at ``path``; ``ValueError`` if unreadable."""
+    if not path.is_file():
+        raise ValueError(f"{path}: input image not found")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "RGB", "RGBA"):
+                img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+            return np.array(img)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: cannot read image ({err.__class__.__name__})") from err
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write a PNG atomically (never a half-written file at ``path``)."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def choose_model(args: argparse.Namespace) -> tuple[Path, Path, bool]:
+    """``(config, ckpt, is_demo)`` from the flags; prints why when falling back to the demo."""
+    from cldm.pipeline import (
+        DEFAULT_CKPT,
+        DEFAULT_CONFIG,
+        TINY_CONFIG,
+        ensure_tiny_checkpoint,
+        missing_checkpoint_message,
+    )
+
+    if args.demo:
+        return Path(args.config or TINY_CONFIG), ensure_tiny_checkpoint(), True
+    if args.ckpt is not None:
+        return Path(args.config or DEFAULT_CONFIG), Path(args.ckpt), False
+    if DEFAULT_CKPT.is_file():
+        return Path(args.config or DEFAULT_CONFIG), DEFAULT_CKPT, False
+    print(missing_checkpoint_message(DEFAULT_CKPT), file=sys.stderr)
+    return Path(args.config or TINY_CONFIG), ensure_tiny_checkpoint(), True
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cldm.pipeline import Canny2Image, CannyParams
+    from ldm.device import resolve_device
+
+    config, ckpt, demo = choose_model(args)
+    resolution = args.image_resolution or (256 if demo else 512)
+    params = CannyParams(
+        prompt=args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt, num_samples=args.num_samples,
+        image_resolution=resolution, ddim_steps=args.ddim_steps, guess_mode=args.guess_mode,
+        strength=args.strength, scale=args.scale, seed=args.seed, eta=args.eta,
+        low_threshold=args.low_threshold, high_threshold=args.high_threshold,
+    )  # fmt: skip
+    try:
+        params.validate()
+        image = read_image(Path(args.input))
+        device = resolve_device(args.device)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be at least 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        pipe = Canny2Image.from_checkpoint(config, ckpt, device)
+        print(f"loaded {ckpt} ({config.name}) on {device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    results, seed = pipe(image, params)
+    stem = Path(args.input).stem
+    paths = [out_dir / f"{stem}_edges.png"] + [out_dir / f"{stem}_{seed}_{i}.png" for i in range(len(results) - 1)]
+    for array, path in zip(results, paths):
+        save_png(array, path)
+    h, w = results[0].shape[:2]
+    took = time.perf_counter() - start
+    print(f"seed {seed}: {len(results) - 1} sample(s) at {w}x{h} in {took:.1f} s", file=sys.stderr)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO))
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

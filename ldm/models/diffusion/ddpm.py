@@ -1,0 +1,228 @@
+"""DDPM noise schedule and the latent diffusion model (keys match the reference ``ddpm.py``).
+
+``LatentDiffusion`` holds the denoiser (``model.diffusion_model``), the frozen VAE
+(``first_stage_model``) and the frozen text encoder (``cond_stage_model``), plus the schedule
+buffers the reference checkpoints carry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
+
+SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+)
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for ``.train`` that keeps frozen sub-models in eval mode."""
+    return self
+
+
+def schedule_arrays(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, np.ndarray]:
+    """The float64 schedule the reference registers as buffers, each [T]."""
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = (1 - v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (
+        1.0 - alphas_cumprod
+    ) + v_posterior * betas
+    return {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    }
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the denoiser as ``diffusion_model`` (so keys read ``model.diffusion_model.*``)."""
+
+    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: str | None):
+        super().__init__()
+        if conditioning_key not in (None, "crossattn"):
+            raise ValueError(f"conditioning_key '{conditioning_key}' is not supported (only 'crossattn')")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: list[torch.Tensor] | None = None) -> torch.Tensor:
+        context = torch.cat(c_crossattn, 1) if c_crossattn else None
+        return self.diffusion_model(x, t, context=context)
+
+
+class DDPM(pl.LightningModule):
+    """Epsilon-prediction diffusion with a fixed beta schedule."""
+
+    def __init__(
+        self,
+        unet_config: Mapping[str, Any],
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        loss_type: str = "l2",
+        ckpt_path: str | None = None,
+        ignore_keys: tuple = (),
+        load_only_unet: bool = False,
+        monitor: str = "val/loss",
+        use_ema: bool = True,
+        first_stage_key: str = "image",
+        image_size: int = 256,
+        channels: int = 3,
+        log_every_t: int = 100,
+        clip_denoised: bool = True,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas: Any = None,
+        original_elbo_weight: float = 0.0,
+        v_posterior: float = 0.0,
+        l_simple_weight: float = 1.0,
+        conditioning_key: str | None = None,
+        parameterization: str = "eps",
+        scheduler_config: Any = None,
+        use_positional_encodings: bool = False,
+        learn_logvar: bool = False,
+        logvar_init: float = 0.0,
+        make_it_fit: bool = False,
+        ucg_training: Any = None,
+        reset_ema: bool = False,
+        reset_num_ema_updates: bool = False,
+    ):
+        super().__init__()
+        if parameterization != "eps":
+            raise ValueError("only parameterization 'eps' is supported")
+        if use_ema:
+            raise ValueError("use_ema is not supported: set use_ema: False in the config")
+        if ckpt_path is not None:
+            raise ValueError("ckpt_path in the config is not supported: load checkpoints with cldm.model")
+        self.parameterization = parameterization
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.log_every_t = log_every_t
+        self.clip_denoised = clip_denoised
+        self.loss_type = loss_type
+        self.l_simple_weight = l_simple_weight
+        self.original_elbo_weight = original_elbo_weight
+        self.monitor = monitor
+        self.use_ema = use_ema
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        betas = np.asarray(given_betas) if given_betas is not None else make_beta_schedule(
+            beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s
+        )
+        self.register_schedule(betas, v_posterior)
+        self.register_buffer("logvar", torch.full((self.num_timesteps,), float(logvar_init), device="cpu"))
+
+    def register_schedule(self, betas: np.ndarray, v_posterior: float = 0.0) -> None:
+        """Register the float32 schedule buffers (on CPU, even when built on the meta device)."""
+        self.num_timesteps = int(betas.shape[0])
+        self.v_posterior = v_posterior
+        for name, value in schedule_arrays(betas, v_posterior).items():
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module``'s, but a checkpoint without the ``logvar`` buffer keeps the model's own."""
+        if "logvar" not in state_dict:
+            state_dict = {**state_dict, "logvar": self.logvar}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Diffuse x_0 to x_t: sqrt(a_t) x_0 + sqrt(1 - a_t) noise."""
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+        )
+
+
+class LatentDiffusion(DDPM):
+    """DDPM in the VAE's latent space, conditioned on text through cross-attention."""
+
+    def __init__(
+        self,
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any],
+        num_timesteps_cond: int | None = None,
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        concat_mode: bool = True,
+        cond_stage_forward: str | None = None,
+        conditioning_key: str | None = None,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        force_null_conditioning: bool = False,
+        *args: Any,
+        **kwargs: Any,
+    ):
+        if scale_by_std:
+            raise ValueError("scale_by_std is not supported: give scale_factor in the config")
+        if cond_stage_trainable:
+            raise ValueError("a trainable cond stage is not supported")
+        if num_timesteps_cond not in (None, 1):
+            raise ValueError("num_timesteps_cond other than 1 is not supported")
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_trainable = cond_stage_trainable
+        self.scale_factor = scale_factor
+        self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
+        self.cond_stage_model = self._frozen(instantiate_from_config(cond_stage_config))
+
+    @staticmethod
+    def _frozen(model: nn.Module) -> nn.Module:
+        model = model.eval()
+        model.train = disabled_train.__get__(model)
+        for p in model.parameters():
+            p.requires_grad = False
+        return model
+
+    def get_learned_conditioning(self, c: list[str]) -> torch.Tensor:
+        """Prompts -> text embeddings [B, 77, context_dim]."""
+        return self.cond_stage_model.encode(c)
+
+    def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor) -> torch.Tensor:
+        """Scaled latent z [B, 4, H/8, W/8] from the VAE posterior (a sample) or a tensor."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        else:
+            z = encoder_posterior
+        return self.scale_factor * z
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent [B, 4, h, w] -> image [B, 3, 8h, 8w], roughly in [-1, 1]."""
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        if not isinstance(cond, dict):
+            cond = {"c_crossattn": cond if isinstance(cond, list) else [cond]}
+        return self.model(x_noisy, t, c_crossattn=cond["c_crossattn"])
