@@ -31,10 +31,12 @@ def make_beta_schedule(
 
 
 def make_ddim_timesteps(num_ddim_timesteps: int, num_ddpm_timesteps: int, method: str = "uniform") -> np.ndarray:
-    """DDPM timesteps visited by DDIM, ascending, exactly as the reference picks them.
+    """DDPM timesteps visited by DDIM, ascending, as the reference picks them.
 
-    ``uniform`` strides by ``num_ddpm_timesteps // num_ddim_timesteps`` from 0, so some step counts
-    (e.g. 30) visit one step more than asked; the ``+ 1`` makes the final alpha match the reference.
+    ``uniform`` strides by ``num_ddpm_timesteps // num_ddim_timesteps`` from 0 and adds 1, so some
+    step counts (e.g. 30) visit one step more than asked. Where that would reach
+    ``num_ddpm_timesteps`` (3, 9, 27, 37 steps: the reference fails with an IndexError), the last
+    step is clamped to the final DDPM step instead.
     """
     if method == "uniform":
         c = num_ddpm_timesteps // num_ddim_timesteps
@@ -43,7 +45,7 @@ def make_ddim_timesteps(num_ddim_timesteps: int, num_ddpm_timesteps: int, method
         steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int)
     else:
         raise ValueError(f"unknown DDIM discretization '{method}'")
-    return steps + 1
+    return np.minimum(steps + 1, num_ddpm_timesteps - 1)
 
 
 def make_ddim_sampling_parameters(

@@ -1,0 +1,115 @@
+"""``cpu_canny2image.py``: outputs, flags, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cpu_canny2image
+from cldm.pipeline import DEFAULT_CKPT
+from tests.conftest import REPO, TINY_CONFIG
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = cpu_canny2image.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_args(ckpt: Path, out_dir: Path, *extra: str) -> list[str]:
+    return ["--ckpt", str(ckpt), "--config", str(TINY_CONFIG), "-o", str(out_dir), "--image-resolution", "64",
+            "--ddim-steps", "2", "--seed", "5", *extra]  # fmt: skip
+
+
+def test_writes_edges_and_samples(capsys: pytest.CaptureFixture, tiny_ckpt: Path, tmp_path: Path) -> None:
+    # 451 x 300: the short side goes to 64, the long one to 96.2, rounded to a multiple of 64 as the reference
+    image = REPO / "test_imgs" / "chelsea.png"
+    code, out, err = run_cli(capsys, *tiny_args(tiny_ckpt, tmp_path, "-i", str(image), "-n", "2"))
+    assert code == 0, err
+    paths = [Path(p) for p in out.split()]
+    assert [p.name for p in paths] == ["chelsea_edges.png", "chelsea_5_0.png", "chelsea_5_1.png"]
+    for path in paths:
+        with Image.open(path) as img:
+            assert img.size == (128, 64)
+            assert img.mode == "RGB"
+    assert "seed 5: 2 sample(s) at 128x64" in err
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
+
+
+def test_same_seed_same_pngs(capsys: pytest.CaptureFixture, tiny_ckpt: Path, tmp_path: Path) -> None:
+    run_cli(capsys, *tiny_args(tiny_ckpt, tmp_path / "a"))
+    run_cli(capsys, *tiny_args(tiny_ckpt, tmp_path / "b"))
+    a = np.array(Image.open(tmp_path / "a" / "astronaut_5_0.png"))
+    b = np.array(Image.open(tmp_path / "b" / "astronaut_5_0.png"))
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--ckpt", "models/nope.pth"], "models/nope.pth: checkpoint file not found"),
+        (["-i", "does/not/exist.png"], "does/not/exist.png: input image not found"),
+        (["--strength", "3"], "strength must be between 0.0 and 2.0, got 3.0"),
+        (["--num-samples", "0"], "num_samples must be between 1 and 12"),
+        (["--low-threshold", "250", "--high-threshold", "100"], "low_threshold (250) must not exceed high_threshold"),
+        (["--threads", "0"], "--threads must be at least 1"),
+    ],
+)
+def test_user_mistakes_are_one_line(
+    capsys: pytest.CaptureFixture, tiny_ckpt: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    out_dir = tmp_path / "out"
+    args = tiny_args(tiny_ckpt, out_dir)
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 1
+    assert err.strip().splitlines() == [f"error: {err.strip().removeprefix('error: ')}"]
+    assert message in err
+    assert out == ""
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_unreadable_image(capsys: pytest.CaptureFixture, tiny_ckpt: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    code, _, err = run_cli(capsys, *tiny_args(tiny_ckpt, tmp_path / "out", "-i", str(bad)))
+    assert code == 1 and f"error: {bad}: cannot read image" in err
+
+
+def test_corrupt_checkpoint_from_the_command_line(tmp_path: Path) -> None:
+    """A real process: exit code 1, one line on stderr, no traceback."""
+    ckpt = tmp_path / "corrupt.pth"
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "cpu_canny2image.py"), "--ckpt", str(ckpt), "--config", str(TINY_CONFIG),
+         "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert f"error: {ckpt}: not a readable checkpoint" in proc.stderr
+
+
+@pytest.mark.skipif(DEFAULT_CKPT.is_file(), reason="the real checkpoint is present")
+def test_missing_real_checkpoint_falls_back_to_the_demo(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "cpu_canny2image.py"), "--ddim-steps", "2", "--image-resolution", "64",
+         "-o", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "control_sd15_canny.pth not found" in proc.stderr
+    assert "huggingface.co/lllyasviel/ControlNet" in proc.stderr and "--demo" in proc.stderr
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "astronaut_edges.png" in names and len(names) == 2  # edge map + one sample
