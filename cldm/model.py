@@ -201,16 +201,18 @@ def make_random_checkpoint(
     out_path: str | os.PathLike,
     seed: int = 0,
     fill_zeros_std: float = 0.0,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, tuple[int, ...]]:
     """Write a seeded random-weight checkpoint in the exact reference layout of ``config_path``.
 
-    With ``fill_zeros_std > 0`` the zero-initialised layers get small random values too.
+    With ``fill_zeros_std > 0`` the zero-initialised layers get small random values too. Floating
+    tensors are stored as ``dtype`` (``torch.float16`` halves the file; loading casts back).
     Returns the written keys and shapes.
     """
     torch.manual_seed(seed)
     model = create_model(config_path)
     if fill_zeros_std > 0:
         fill_zero_parameters(model, fill_zeros_std, torch.Generator().manual_seed(seed + 1))
-    state_dict = model.state_dict()
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_checkpoint(state_dict, out_path)
     return {k: tuple(v.shape) for k, v in state_dict.items()}

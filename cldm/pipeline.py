@@ -81,7 +81,7 @@ class CannyParams:
 def ensure_tiny_checkpoint(path: Path = TINY_CKPT, config: Path = TINY_CONFIG) -> Path:
     """Create the seeded tiny random-weight demo checkpoint if it is not there yet."""
     if not path.is_file():
-        make_random_checkpoint(config, path, seed=0, fill_zeros_std=0.02)
+        make_random_checkpoint(config, path, seed=0, fill_zeros_std=0.02, dtype=torch.float16)
     return path
 
 

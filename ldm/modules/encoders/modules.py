@@ -81,13 +81,18 @@ class CLIPTextTransformer(nn.Module):
         )
 
 
+def _local_config(
+    table: Mapping[str, Mapping[str, Any]], name: str, base: str, overrides: Mapping[str, Any] | None, what: str
+) -> dict[str, Any]:
+    """Config values for ``name`` from ``table`` (or ``base`` when only overrides are given), overrides applied."""
+    if name not in table and not overrides:
+        raise ValueError(f"no local text config for {what} '{name}' (known: {', '.join(table)}; or give text_config)")
+    return {**table.get(name, table[base]), **(overrides or {})}
+
+
 def clip_text_config(version: str, overrides: Mapping[str, Any] | None = None) -> CLIPTextConfig:
     """Local CLIP text config for a known ``version`` (hub name), with optional overrides."""
-    if version not in CLIP_TEXT_CONFIGS and not overrides:
-        known = ", ".join(CLIP_TEXT_CONFIGS)
-        raise ValueError(f"no local text config for CLIP version '{version}' (known: {known}; or give text_config)")
-    values = dict(CLIP_TEXT_CONFIGS.get(version, CLIP_TEXT_CONFIGS["openai/clip-vit-large-patch14"]))
-    values.update(overrides or {})
+    values = _local_config(CLIP_TEXT_CONFIGS, version, "openai/clip-vit-large-patch14", overrides, "CLIP version")
     config = CLIPTextConfig(**values)
     config._attn_implementation = "sdpa"
     return config
@@ -171,11 +176,7 @@ class OpenCLIPTextConfig:
 
 def openclip_text_config(arch: str, overrides: Mapping[str, Any] | None = None) -> OpenCLIPTextConfig:
     """Local text config of open_clip model ``arch``, with optional field overrides (e.g. a tiny test tower)."""
-    if arch not in OPENCLIP_TEXT_CONFIGS and not overrides:
-        known = ", ".join(OPENCLIP_TEXT_CONFIGS)
-        raise ValueError(f"no local text config for open_clip arch '{arch}' (known: {known}; or give text_config)")
-    values = dict(OPENCLIP_TEXT_CONFIGS.get(arch, OPENCLIP_TEXT_CONFIGS["ViT-H-14"]))
-    values.update(overrides or {})
+    values = _local_config(OPENCLIP_TEXT_CONFIGS, arch, "ViT-H-14", overrides, "open_clip arch")
     fields = {f.name for f in dataclasses.fields(OpenCLIPTextConfig)}
     unknown = sorted(set(values) - fields)
     if unknown:

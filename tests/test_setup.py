@@ -1,0 +1,45 @@
+"""Set-up files: CPU-only installs, and the README's commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import re
+
+from omegaconf import OmegaConf
+
+from tests.conftest import REPO
+
+
+def requirement_names(path: str) -> set[str]:
+    names = set()
+    for line in (REPO / path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            names.add(re.split(r"[<>=!~\[ ]", line)[0].lower())
+    return names
+
+
+def test_default_install_is_cpu_only_and_light() -> None:
+    text = (REPO / "requirements.txt").read_text()
+    assert re.search(r"^torch==2\.13\.0$", text, re.M)
+    heavy = {"torchvision", "open-clip-torch", "xformers", "triton", "diffusers", "gradio"}
+    assert not requirement_names("requirements.txt") & heavy
+
+
+def test_conda_environment_is_cpu_only() -> None:
+    env = OmegaConf.to_container(OmegaConf.load(REPO / "environment.yaml"))
+    flat = str(env).lower()
+    assert "cudatoolkit" not in flat and "pytorch-cuda" not in flat and "nvidia" not in flat
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-r requirements.txt" in pip
+    assert any("download.pytorch.org/whl/cpu" in p for p in pip)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    commands = [line.strip() for line in readme.splitlines() if line.startswith("    ") and ".venv/bin/" in line]
+    assert len(commands) >= 2
+    run_cmd, test_cmd = commands[0], commands[1]
+    assert "requirements.txt" in run_cmd and run_cmd.endswith("cpu_canny2image.py")
+    assert "requirements-test.txt" in test_cmd and test_cmd.endswith(".venv/bin/python -m pytest -q")
+    assert "-r requirements-test.txt" in ci and ".venv/bin/python -m pytest -q" in ci
