@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_IMAGE = REPO / "test_imgs" / "astronaut.png"
@@ -54,19 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_image(path: Path) -> np.ndarray:
-    """HWC uint8 array (L, RGB or RGBA) of the image at ``path``; ``ValueError`` if unreadable."""
-    if not path.is_file():
-        raise ValueError(f"{path}: input image not found")
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "RGB", "RGBA"):
-                img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-            return np.array(img)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path}: cannot read image ({err.__class__.__name__})") from err
-
-
 def save_png(array: np.ndarray, path: Path) -> None:
     """Write a PNG atomically (never a half-written file at ``path``)."""
     tmp = path.with_name(path.name + ".partial")
@@ -77,34 +64,17 @@ def save_png(array: np.ndarray, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def choose_model(args: argparse.Namespace) -> tuple[Path, Path, bool]:
-    """``(config, ckpt, is_demo)`` from the flags; prints why when falling back to the demo."""
-    from cldm.pipeline import (
-        DEFAULT_CKPT,
-        DEFAULT_CONFIG,
-        TINY_CONFIG,
-        ensure_tiny_checkpoint,
-        missing_checkpoint_message,
-    )
-
-    if args.demo:
-        return Path(args.config or TINY_CONFIG), ensure_tiny_checkpoint(), True
-    if args.ckpt is not None:
-        return Path(args.config or DEFAULT_CONFIG), Path(args.ckpt), False
-    if DEFAULT_CKPT.is_file():
-        return Path(args.config or DEFAULT_CONFIG), DEFAULT_CKPT, False
-    print(missing_checkpoint_message(DEFAULT_CKPT), file=sys.stderr)
-    return Path(args.config or TINY_CONFIG), ensure_tiny_checkpoint(), True
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cldm.pipeline import Canny2Image, CannyParams
+    from cldm.pipeline import Canny2Image, CannyParams, choose_model, read_image
     from ldm.device import resolve_device
 
-    config, ckpt, demo = choose_model(args)
-    resolution = args.image_resolution or (256 if demo else 512)
+    choice = choose_model(args.ckpt, args.config, args.demo)
+    if choice.notice:
+        print(choice.notice, file=sys.stderr)
+    config, ckpt = choice.config, choice.ckpt
+    resolution = args.image_resolution or (256 if choice.demo else 512)
     params = CannyParams(
         prompt=args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt, num_samples=args.num_samples,
         image_resolution=resolution, ddim_steps=args.ddim_steps, guess_mode=args.guess_mode,

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.cldm import control_scales_for
 from cldm.model import load_model, make_random_checkpoint
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,12 +88,50 @@ def ensure_tiny_checkpoint(path: Path = TINY_CKPT, config: Path = TINY_CONFIG) -
 
 
 def missing_checkpoint_message(ckpt: Path) -> str:
+    """What is missing, where to get it, and what runs instead."""
+    shown = ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt
     return (
-        f"{ckpt} not found: this needs the ControlNet canny checkpoint (5.7 GB). Download "
+        f"{shown} not found: this needs the ControlNet canny checkpoint (5.7 GB). Download "
         f"control_sd15_canny.pth from {CKPT_URL} into models/. Until then the tiny random-weight demo "
         f"runs instead ({TINY_CONFIG.relative_to(REPO)}; images are noise, it only shows the pipeline works); "
         "ask for it explicitly with --demo."
     )
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which config and checkpoint to load; ``notice`` says why the demo runs when it was not asked for."""
+
+    config: Path
+    ckpt: Path
+    demo: bool
+    notice: str | None = None
+
+
+def choose_model(ckpt: str | Path | None = None, config: str | Path | None = None, demo: bool = False) -> ModelChoice:
+    """The scripts' model choice: ``--demo``, an explicit ``--ckpt``, the real checkpoint, else the demo."""
+    if demo:
+        return ModelChoice(Path(config or TINY_CONFIG), ensure_tiny_checkpoint(), True)
+    if ckpt is not None:
+        return ModelChoice(Path(config or DEFAULT_CONFIG), Path(ckpt), False)
+    if DEFAULT_CKPT.is_file():
+        return ModelChoice(Path(config or DEFAULT_CONFIG), DEFAULT_CKPT, False)
+    return ModelChoice(Path(config or TINY_CONFIG), ensure_tiny_checkpoint(), True,
+                       missing_checkpoint_message(DEFAULT_CKPT))  # fmt: skip
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """HWC uint8 array (L, RGB or RGBA) of the image at ``path``; ``ValueError`` naming it if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: input image not found")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "RGB", "RGBA"):
+                img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+            return np.array(img)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: cannot read image ({err.__class__.__name__})") from err
 
 
 class Canny2Image:
@@ -106,6 +146,10 @@ class Canny2Image:
     @classmethod
     def from_checkpoint(cls, config: str | Path, ckpt: str | Path, device: torch.device) -> Canny2Image:
         return cls(load_model(config, ckpt, device=device), device)
+
+    def sampling_steps(self, ddim_steps: int) -> int:
+        """DDIM iterations a run of ``ddim_steps`` takes (the reference's schedule visits 31 for 30)."""
+        return len(make_ddim_timesteps(ddim_steps, self.model.num_timesteps))
 
     def edges(self, input_image: np.ndarray, params: CannyParams) -> np.ndarray:
         """Resized HWC uint8 Canny edge map (white edges on black), as fed to the ControlNet."""
