@@ -183,6 +183,73 @@ class ControlLDM(LatentDiffusion):
         self.control_key = control_key
         self.only_mid_control = only_mid_control
         self.control_scales = [1.0] * 13
+        self.learning_rate = 1e-5  # the training script sets these two, as the reference's does
+        self.sd_locked = True
+
+    @torch.no_grad()
+    def get_input(
+        self, batch: dict[str, Any], k: str, bs: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """``(z, {"c_crossattn": [text emb], "c_concat": [hint [B, 3, H, W] in [0, 1]]})`` from a batch."""
+        x, c = super().get_input(batch, self.first_stage_key, bs=bs)
+        control = batch[self.control_key][:bs] if bs is not None else batch[self.control_key]
+        control = torch.as_tensor(control).to(self.device).permute(0, 3, 1, 2)
+        control = control.to(memory_format=torch.contiguous_format).float()
+        return x, {"c_crossattn": [c], "c_concat": [control]}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The ControlNet, plus the UNet's decoder half (output blocks and ``out``) when not ``sd_locked``."""
+        params = list(self.control_model.parameters())
+        if not self.sd_locked:
+            unet = self.model.diffusion_model
+            params += list(unet.output_blocks.parameters()) + list(unet.out.parameters())
+        return params
+
+    def freeze_locked(self) -> list[nn.Parameter]:
+        """Make only :meth:`trainable_parameters` require gradients, so no gradient memory is spent on the
+        locked model (gradients still flow through it) and DDP syncs only what trains. Returns them."""
+        params = self.trainable_parameters()
+        keep = {id(p) for p in params}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in keep)
+        return params
+
+    def setup(self, stage: str) -> None:
+        """Lightning hook, run before DDP wraps the model: freeze what ``sd_locked`` keeps fixed."""
+        if stage == "fit":
+            self.freeze_locked()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over :meth:`trainable_parameters` at ``learning_rate``, as the reference."""
+        return torch.optim.AdamW(self.freeze_locked(), lr=self.learning_rate)
+
+    @torch.no_grad()
+    def log_images(
+        self, batch: dict[str, Any], N: int = 4, ddim_steps: int = 50, ddim_eta: float = 0.0,
+        unconditional_guidance_scale: float = 9.0, **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Images in [-1, 1], [N, 3, H, W]: ``reconstruction`` (VAE round trip), ``control`` (the hint),
+        ``conditioning`` (the prompt drawn as text) and guided DDIM ``samples_cfg_scale_<s>``."""
+        from ldm.models.diffusion.ddim import DDIMSampler
+        from ldm.util import log_txt_as_img
+
+        z, c = self.get_input(batch, self.first_stage_key, bs=N)
+        c_cat, c_txt = c["c_concat"][0][:N], c["c_crossattn"][0][:N]
+        n = min(z.shape[0], N)
+        height, width = c_cat.shape[2:]
+        log = {
+            "reconstruction": self.decode_first_stage(z),
+            "control": c_cat * 2.0 - 1.0,
+            "conditioning": log_txt_as_img((width, height), list(batch[self.cond_stage_key])[:n]).to(self.device),
+        }
+        uc = {"c_concat": [c_cat], "c_crossattn": [self.get_unconditional_conditioning(n)]}
+        samples, _ = DDIMSampler(self).sample(
+            ddim_steps, n, (self.channels, height // 8, width // 8), {"c_concat": [c_cat], "c_crossattn": [c_txt]},
+            verbose=False, eta=ddim_eta, unconditional_guidance_scale=unconditional_guidance_scale,
+            unconditional_conditioning=uc, progress=False,
+        )  # fmt: skip
+        log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = self.decode_first_stage(samples)
+        return log
 
     def prepare_conditioning(self, cond: dict[str, Any] | None) -> dict[str, Any] | None:
         """Return ``cond`` with the hint encoded once (``c_guided_hint``), for a whole sampling run."""

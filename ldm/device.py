@@ -59,3 +59,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def lightning_accelerator(device: torch.device) -> str:
+    """PyTorch Lightning's accelerator name for ``device`` (``cpu``, ``gpu`` or ``mps``)."""
+    return {"cuda": "gpu"}.get(device.type, device.type)

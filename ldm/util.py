@@ -50,3 +50,19 @@ def seed_everything(seed: int) -> int:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return seed
+
+
+def log_txt_as_img(wh: tuple[int, int], texts: list[str], size: int = 10) -> torch.Tensor:
+    """Draw each text, wrapped, black on white: [len(texts), 3, h, w] in [-1, 1]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = wh
+    font = ImageFont.load_default(size=size)
+    chars_per_line = max(1, int(width / (size * 0.6)))
+    images = []
+    for text in texts:
+        canvas = Image.new("RGB", (width, height), color="white")
+        lines = [text[i : i + chars_per_line] for i in range(0, len(text), chars_per_line)]
+        ImageDraw.Draw(canvas).multiline_text((0, 0), "\n".join(lines), fill="black", font=font)
+        images.append(np.asarray(canvas).transpose(2, 0, 1) / 127.5 - 1.0)
+    return torch.tensor(np.stack(images), dtype=torch.float32)

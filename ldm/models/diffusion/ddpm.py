@@ -135,6 +135,9 @@ class DDPM(pl.LightningModule):
         self.original_elbo_weight = original_elbo_weight
         self.monitor = monitor
         self.use_ema = use_ema
+        self.ucg_training = dict(ucg_training or {})
+        self.ucg_prng = np.random.RandomState()
+        self.ucg_seed: int | None = None  # when set, each process draws its drops from ucg_seed + its rank
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         betas = np.asarray(given_betas) if given_betas is not None else make_beta_schedule(
             beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s
@@ -161,6 +164,66 @@ class DDPM(pl.LightningModule):
             extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
             + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
         )
+
+    def get_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Element-wise loss (``l2`` or ``l1``), not reduced."""
+        if self.loss_type == "l2":
+            return torch.nn.functional.mse_loss(target, pred, reduction="none")
+        if self.loss_type == "l1":
+            return (target - pred).abs()
+        raise ValueError(f"unknown loss_type '{self.loss_type}'")
+
+    def p_losses(
+        self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reference's training loss at timesteps t [B] for clean latents x_start [B, C, h, w].
+
+        loss = l_simple_weight * mean(||eps - eps_theta(x_t, t, c)||^2 / exp(logvar_t) + logvar_t);
+        the reference's VLB term is only supported with ``original_elbo_weight = 0``.
+        """
+        if self.original_elbo_weight != 0:
+            raise ValueError("original_elbo_weight other than 0 is not supported")
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
+        model_output = self.apply_model(x_noisy, t, cond)
+        loss_simple = self.get_loss(model_output, noise).mean(dim=(1, 2, 3))
+        logvar_t = self.logvar.to(loss_simple.device)[t]
+        loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
+        prefix = "train" if self.training else "val"
+        return loss, {f"{prefix}/loss_simple": loss_simple.mean().detach(), f"{prefix}/loss": loss.detach()}
+
+    def apply_ucg(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Unconditional-guidance training: replace ``batch[k][i]`` by ``val`` with probability ``p``.
+
+        ``ucg_training`` maps a batch key to ``{"p": ..., "val": ...}``, e.g. ``{"txt": {"p": 0.5,
+        "val": ""}}`` for the paper's 50% empty prompts. Returns a new batch; the input is not changed.
+        """
+        if not self.ucg_training:
+            return batch
+        batch = dict(batch)
+        for key, spec in self.ucg_training.items():
+            p, val = float(spec["p"]), spec["val"]
+            values = list(batch[key])
+            for i in range(len(values)):
+                if self.ucg_prng.choice(2, p=[1 - p, p]):
+                    values[i] = val
+            batch[key] = values
+        return batch
+
+    def on_train_start(self) -> None:
+        if self.ucg_seed is not None:
+            self.ucg_prng = np.random.RandomState(self.ucg_seed + self.global_rank)
+
+    def shared_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, c = self.get_input(batch, self.first_stage_key)
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device).long()
+        return self.p_losses(x, c, t)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, loss_dict = self.shared_step(self.apply_ucg(batch))
+        batch_size = len(batch[self.first_stage_key])
+        self.log_dict(loss_dict, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        return loss
 
 
 class LatentDiffusion(DDPM):
@@ -202,6 +265,18 @@ class LatentDiffusion(DDPM):
         for p in model.parameters():
             p.requires_grad = False
         return model
+
+    @torch.no_grad()
+    def get_input(
+        self, batch: dict[str, Any], k: str, bs: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents z [B, 4, H/8, W/8] of ``batch[k]`` (images [B, H, W, 3] in [-1, 1]) and text embeddings."""
+        x = batch[k][:bs] if bs is not None else batch[k]
+        x = torch.as_tensor(x).to(self.device).permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        prompts = list(batch[self.cond_stage_key])
+        c = self.get_learned_conditioning(prompts[:bs] if bs is not None else prompts)
+        return z, c
 
     def get_learned_conditioning(self, c: list[str]) -> torch.Tensor:
         """Prompts -> text embeddings [B, 77, context_dim]."""

@@ -129,3 +129,14 @@ def noise_like(shape: tuple, device: torch.device, repeat: bool = False) -> torc
     if repeat:
         return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
     return torch.randn(shape, device=device)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
+    """Switch activation checkpointing (``use_checkpoint``/``checkpoint`` flags) on every block; returns the count."""
+    count = 0
+    for module in model.modules():
+        for attr in ("use_checkpoint", "checkpoint"):
+            if isinstance(getattr(module, attr, None), bool):
+                setattr(module, attr, enabled)
+                count += 1
+    return count

@@ -1,0 +1,279 @@
+"""Training: tool_add_control, tutorial_train with Lightning (locked SD, resume, DDP, WebDataset, image logs)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+import tool_add_control
+import tutorial_train
+from cldm.data import write_webdataset
+from cldm.model import create_model, fill_zero_parameters, load_state_dict, make_random_checkpoint, save_checkpoint
+from ldm.modules.diffusionmodules.util import set_activation_checkpointing
+from tests.conftest import REPO, TINY_CONFIG
+from tools.make_fill50k import make_fill50k
+
+LOCKED_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD checkpoint in the ldm layout (no control_model.*), every layer random."""
+    tmp = tmp_path_factory.mktemp("base")
+    make_random_checkpoint(TINY_CONFIG, tmp / "full.ckpt", seed=3, fill_zeros_std=0.05)
+    sd = {k: v for k, v in load_state_dict(tmp / "full.ckpt").items() if not k.startswith("control_model.")}
+    save_checkpoint(sd, tmp / "tiny_sd.ckpt")
+    return tmp / "tiny_sd.ckpt"
+
+
+@pytest.fixture(scope="module")
+def ini_ckpt(base_ckpt: Path) -> Path:
+    out = base_ckpt.with_name("control_tiny_ini.ckpt")
+    assert tool_add_control.main([str(base_ckpt), str(out), "--config", str(TINY_CONFIG)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fill50k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fill50k")
+    make_fill50k(root, n=8, resolution=64, seed=0)
+    return root
+
+
+def train_args(ini_ckpt: Path, fill50k: Path, log_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY_CONFIG), "--init-ckpt", str(ini_ckpt), "--data", str(fill50k),
+            "--log-dir", str(log_dir), "--batch-size", "2", "--logger-freq", "1000", "--log-ddim-steps", "2",
+            "--ckpt-every", "2", "--lr", "1e-3", *extra]  # fmt: skip
+
+
+class Snapshot(pl.Callback):
+    """Records the weights at the start and end of training, and the optimizer's parameters."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.before = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.steps: list[int] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self.steps.append(trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.module = pl_module
+        self.after = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.global_step = trainer.global_step
+
+
+# --- tool_add_control ---------------------------------------------------------------------------------
+
+
+def test_add_control_copies_the_encoder_and_zeroes_the_zero_convs(base_ckpt: Path, ini_ckpt: Path) -> None:
+    base, ini = load_state_dict(base_ckpt), load_state_dict(ini_ckpt)
+    copied = [k for k in ini if k.startswith("control_model.") and "model.diffusion_model." + k[14:] in base]
+    assert len(copied) > 100
+    for key in copied:
+        assert torch.equal(ini[key], base["model.diffusion_model." + key[14:]]), key
+    zero = [k for k in ini if k.startswith(("control_model.zero_convs.", "control_model.middle_block_out."))]
+    assert zero and all(not ini[k].any() for k in zero)
+    assert ini["control_model.input_hint_block.0.weight"].abs().sum() > 0  # freshly initialised, not copied
+    assert all(torch.equal(ini[k], v) for k, v in base.items() if k in ini)
+
+
+@torch.no_grad()
+def test_first_prediction_equals_the_base_unet(ini_ckpt: Path) -> None:
+    model = create_model(TINY_CONFIG).eval()
+    model.load_state_dict(load_state_dict(ini_ckpt))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+    context = torch.randn(2, 77, 32, generator=g)
+    hint = torch.rand(2, 3, 64, 64, generator=g)
+    controlled = model.apply_model(x, t, {"c_concat": [hint], "c_crossattn": [context]})
+    base = model.model.diffusion_model(x=x, timesteps=t, context=context, control=None)
+    assert torch.equal(controlled, base) and base.abs().max() > 0
+
+
+@pytest.mark.parametrize("problem", ["exists", "missing"])
+def test_add_control_errors(base_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture, problem: str) -> None:
+    out = tmp_path / "out.ckpt"
+    src = base_ckpt if problem == "exists" else tmp_path / "nope.ckpt"
+    if problem == "exists":
+        out.write_bytes(b"x")
+    assert tool_add_control.main([str(src), str(out), "--config", str(TINY_CONFIG)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert ("already exists" if problem == "exists" else "not found") in err
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+def test_locked_training_changes_only_the_controlnet(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    snap = Snapshot()
+    assert tutorial_train.main(train_args(ini_ckpt, fill50k, tmp_path, "--max-steps", "3"), callbacks=[snap]) == 0
+    assert snap.global_step == 3
+    for key, before in snap.before.items():
+        if key.startswith(LOCKED_PREFIXES):
+            assert torch.equal(snap.after[key], before), key
+    zero_convs = [k for k in snap.after if k.startswith("control_model.zero_convs.")]
+    assert any(snap.after[k].any() for k in zero_convs)
+    model = snap.module
+    assert snap.optimized == {id(p) for p in model.control_model.parameters()}
+    for p in model.model.parameters():  # no gradient memory for the locked SD
+        assert not p.requires_grad and p.grad is None
+    assert all(p.requires_grad for p in model.control_model.parameters())
+    out, err = capfd.readouterr()
+    progress = out + err
+    assert "train/loss" in progress and ("it/s" in progress or "s/it" in progress)
+
+
+def test_unlocked_training_adds_the_decoder_half(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
+    snap = Snapshot()
+    args = train_args(ini_ckpt, fill50k, tmp_path, "--max-steps", "1", "--no-sd-locked")
+    assert tutorial_train.main(args, callbacks=[snap]) == 0
+    unet = snap.module.model.diffusion_model
+    decoder = [*unet.output_blocks.parameters(), *unet.out.parameters()]
+    assert snap.optimized == {id(p) for p in [*snap.module.control_model.parameters(), *decoder]}
+    assert not any(p.requires_grad for p in unet.input_blocks.parameters())
+    changed = [k for k in snap.after if k.startswith("model.diffusion_model.output_blocks.")
+               and not torch.equal(snap.after[k], snap.before[k])]  # fmt: skip
+    assert changed
+
+
+@torch.no_grad()
+def test_only_mid_control_feeds_only_the_middle_block(tiny_model: torch.nn.Module) -> None:
+    model = tiny_model
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    cond = {"c_concat": [torch.rand(1, 3, 64, 64, generator=g)], "c_crossattn": [torch.randn(1, 77, 32, generator=g)]}
+
+    def eps(scales: list[float], only_mid: bool) -> torch.Tensor:
+        model.control_scales, model.only_mid_control = scales, only_mid
+        return model.apply_model(x, t, cond)
+
+    try:
+        assert torch.equal(eps([1.0] * 13, True), eps([0.0] * 12 + [1.0], True))
+        assert not torch.equal(eps([1.0] * 13, True), eps([1.0] * 12 + [0.0], True))
+        assert not torch.equal(eps([1.0] * 13, True), eps([1.0] * 13, False))
+    finally:
+        model.control_scales, model.only_mid_control = [1.0] * 13, False
+
+
+def test_empty_prompt_drop(tiny_model: torch.nn.Module) -> None:
+    model = tiny_model
+    prompts = [f"prompt {i}" for i in range(2000)]
+    try:
+        model.ucg_prng = np.random.RandomState(0)
+        model.ucg_training = {"txt": {"p": 0.5, "val": ""}}
+        dropped = model.apply_ucg({"txt": prompts})["txt"]
+        assert abs(sum(p == "" for p in dropped) / len(prompts) - 0.5) < 0.05
+        assert all(d in ("", p) for d, p in zip(dropped, prompts))
+        model.ucg_training = {"txt": {"p": 0.0, "val": ""}}
+        assert model.apply_ucg({"txt": prompts})["txt"] == prompts
+    finally:
+        model.ucg_training = {}
+
+
+def test_activation_checkpointing_gives_the_same_gradients(fresh_tiny_model: torch.nn.Module) -> None:
+    model = fresh_tiny_model
+    fill_zero_parameters(model, 0.05, torch.Generator().manual_seed(3))  # let gradients reach the hint encoder
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300])
+    cond = {"c_concat": [torch.rand(1, 3, 64, 64, generator=g)], "c_crossattn": [torch.randn(1, 77, 32, generator=g)]}
+    grads = []
+    for enabled in (False, True):
+        assert set_activation_checkpointing(model, enabled) > 0
+        model.zero_grad()
+        model.apply_model(x, t, cond).square().mean().backward()
+        grads.append(model.control_model.input_hint_block[0].weight.grad.clone())
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_resume_restores_the_run_exactly(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
+    whole, first, second = Snapshot(), Snapshot(), Snapshot()
+    assert tutorial_train.main(train_args(ini_ckpt, fill50k, tmp_path / "a", "--max-steps", "4"), [whole]) == 0
+    assert tutorial_train.main(train_args(ini_ckpt, fill50k, tmp_path / "b", "--max-steps", "2"), [first]) == 0
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2
+
+    class CheckRestored(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            assert trainer.global_step == saved["global_step"]
+            state = pl_module.state_dict()
+            assert all(torch.equal(state[k], v) for k, v in saved["state_dict"].items())
+            restored = trainer.optimizers[0].state_dict()["state"]
+            for idx, entry in saved["optimizer_states"][0]["state"].items():
+                assert all(torch.equal(restored[idx][name], value) for name, value in entry.items())
+            self.checked = True
+
+    check = CheckRestored()
+    resumed = train_args(ini_ckpt, fill50k, tmp_path / "b", "--max-steps", "4", "--resume", "last")
+    assert tutorial_train.main(resumed, [check, second]) == 0
+    assert check.checked
+    assert first.steps + second.steps == whole.steps == [1, 2, 3, 4]  # no step lost or repeated
+    names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step=*.ckpt"))
+    assert names == sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step=*.ckpt"))
+    # a Lightning checkpoint of the run loads through the scripts' loader
+    assert "control_model.zero_convs.0.0.weight" in load_state_dict(tmp_path / "b" / "checkpoints" / "last.ckpt")
+
+
+def test_image_logs_are_png_grids(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
+    args = train_args(ini_ckpt, fill50k, tmp_path, "--max-steps", "2", "--precision", "bf16-mixed")
+    args[args.index("--logger-freq") + 1] = "2"
+    assert tutorial_train.main(args) == 0
+    logs = sorted(p.name for p in (tmp_path / "image_log" / "train").iterdir())
+    expected = ["conditioning", "control", "reconstruction", "samples_cfg_scale_9.00"]
+    assert logs == [f"{k}_gs-000002_e-000000_b-000001.png" for k in expected]
+    with Image.open(tmp_path / "image_log" / "train" / logs[1]) as grid:
+        assert grid.size == (2 * 66 + 2, 66 + 2)  # two 64 px images, 2 px padding
+
+
+def test_webdataset_shards_train(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
+    shards = write_webdataset(fill50k, str(tmp_path / "shards" / "shard-%06d.tar"), samples_per_shard=4)
+    assert len(shards) == 2
+    snap = Snapshot()
+    args = train_args(ini_ckpt, fill50k, tmp_path / "logs", "--max-steps", "2",
+                      "--webdataset", str(tmp_path / "shards" / "shard-{000000..000001}.tar"))  # fmt: skip
+    assert tutorial_train.main(args, callbacks=[snap]) == 0
+    assert snap.global_step == 2
+    assert any(not torch.equal(snap.after[k], snap.before[k]) for k in snap.after if k.startswith("control_model."))
+
+
+def test_ddp_two_processes_keep_identical_weights(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
+    args = train_args(ini_ckpt, fill50k, tmp_path, "--max-steps", "3", "--devices", "2", "--strategy", "ddp",
+                      "--weights-digest")  # fmt: skip
+    proc = subprocess.run([sys.executable, str(REPO / "tutorial_train.py"), *args], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = [(tmp_path / "checkpoints" / f"weights_digest_rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert digests[0] == digests[1] and digests[0][0] == "3"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--init-ckpt", "nope.ckpt"], "nope.ckpt: initial checkpoint not found"),
+        (["--data", "nowhere"], "nowhere/prompt.json: training data not found"),
+        (["--resume", "last"], "last.ckpt: checkpoint to resume from not found"),
+    ],
+)
+def test_bad_flags_are_one_line(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], message: str
+) -> None:
+    args = train_args(ini_ckpt, fill50k, tmp_path)
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert tutorial_train.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err

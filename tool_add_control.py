@@ -1,0 +1,92 @@
+"""Turn a Stable Diffusion checkpoint into the initial ControlNet checkpoint, as the reference does.
+
+    python tool_add_control.py ./models/v1-5-pruned.ckpt ./models/control_sd15_ini.ckpt
+    python tool_add_control.py base.ckpt control_ini.ckpt --config models/cldm_tiny.yaml
+
+Every key of the ControlLDM is taken from the SD checkpoint; the ControlNet's encoder copy
+(``control_model.X``) is taken from the UNet's ``model.diffusion_model.X``. What the SD checkpoint
+does not have (the hint encoder, the zero convolutions) keeps its fresh initialisation: random
+hint convs, zero convs at exactly zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent
+
+
+def control_source_key(key: str) -> str:
+    """The SD key a ControlLDM key is copied from (``control_model.X`` <- ``model.diffusion_model.X``)."""
+    if key.startswith("control_model."):
+        return "model.diffusion_model." + key.removeprefix("control_model.")
+    return key
+
+
+def add_control(
+    scratch: Mapping[str, torch.Tensor], pretrained: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(state dict, keys kept from scratch)``: each scratch key filled from ``pretrained`` when it has it."""
+    target, new = {}, []
+    for key, value in scratch.items():
+        source = pretrained.get(control_source_key(key))
+        if source is None:
+            target[key] = value.clone()
+            new.append(key)
+        elif source.shape != value.shape:
+            raise ValueError(f"{control_source_key(key)}: shape {tuple(source.shape)} in the SD checkpoint, "
+                             f"{tuple(value.shape)} expected for {key} (wrong --config?)")  # fmt: skip
+        else:
+            target[key] = source.to(value.dtype).clone()
+    return target, new
+
+
+def summarize(keys: list[str]) -> str:
+    """``control_model.zero_convs (26), ...``: keys grouped by their first two name parts."""
+    groups = Counter(".".join(k.split(".")[:2]) for k in keys)
+    return ", ".join(f"{name} ({n})" for name, n in groups.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO))
+    parser = argparse.ArgumentParser(description="SD checkpoint -> initial ControlNet checkpoint.")
+    parser.add_argument("input_path", help="Stable Diffusion checkpoint (.ckpt/.pth/.safetensors, ldm layout)")
+    parser.add_argument("output_path", help="ControlNet checkpoint to write (must not exist)")
+    parser.add_argument("--config", default=str(REPO / "models" / "cldm_v15.yaml"), help="ControlLDM config")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the fresh hint-encoder weights")
+    args = parser.parse_args(argv)
+
+    from cldm.model import CheckpointError, create_model, load_state_dict, save_checkpoint
+
+    out = Path(args.output_path)
+    try:
+        if out.exists():
+            raise ValueError(f"{out}: output file already exists")
+        if not out.parent.is_dir():
+            raise ValueError(f"{out.parent}: output directory does not exist")
+        pretrained = load_state_dict(args.input_path)
+        torch.manual_seed(args.seed)
+        model = create_model(args.config)
+        target, new = add_control(model.state_dict(), pretrained)
+        copied = [k for k in target if k.startswith("control_model.") and k not in new]
+        if not copied:
+            raise ValueError(f"{args.input_path}: no model.diffusion_model.* weights to copy (not an SD checkpoint?)")
+        model.load_state_dict(target, strict=True)
+        save_checkpoint(model.state_dict(), out)
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"copied {len(copied)} ControlNet tensors from the UNet encoder; newly initialised: {summarize(new)}",
+          file=sys.stderr)  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Fine-tune a ControlNet on fill50k-style data with PyTorch Lightning (the reference's tutorial, CPU-first).
+
+    python tutorial_train.py                                   # the reference's defaults
+    python tutorial_train.py --config models/cldm_tiny.yaml --init-ckpt tiny_ini.ckpt --max-steps 100
+    python tutorial_train.py --devices 2 --strategy ddp        # two processes (gloo on CPU)
+    python tutorial_train.py --resume last                     # continue from <ckpt-dir>/last.ckpt
+
+The initial checkpoint comes from ``tool_add_control.py``. The locked SD model gets no gradients;
+only the ControlNet (plus the UNet's decoder half with ``--no-sd-locked``) is trained. Half of the
+prompts are replaced by "" during training (``--empty-prompt-prob``), as in the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a ControlNet (the reference's tutorial_train.py, with flags).")
+    p.add_argument("--config", default="./models/cldm_v15.yaml", help="model config (default: %(default)s)")
+    p.add_argument("--init-ckpt", "--resume-path", dest="init_ckpt", default="./models/control_sd15_ini.ckpt",
+                   help="initial weights from tool_add_control.py (default: %(default)s)")
+    p.add_argument("--data", default="./training/fill50k", help="fill50k folder with prompt.json (%(default)s)")
+    p.add_argument("--webdataset", default=None, metavar="SHARDS",
+                   help="train on WebDataset tar shards instead (glob or brace pattern: 'shards/{000000..000009}.tar')")
+    p.add_argument("--resolution", type=int, default=None, help="resize training images to this size (default: none)")
+    p.add_argument("--batch-size", type=int, default=4, help="batch size per process (default: %(default)s)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-5, help="AdamW learning rate")
+    p.add_argument("--sd-locked", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the whole SD UNet locked (default); --no-sd-locked also trains its decoder half")
+    p.add_argument("--only-mid-control", action="store_true", help="feed only the middle-block control to the UNet")
+    p.add_argument("--empty-prompt-prob", type=float, default=0.5, help="share of prompts replaced by '' (paper: 0.5)")
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps to train (default: unlimited)")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs to train (default: unlimited)")
+    p.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "16-mixed"], help="default: 32")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass (default: as the config's use_checkpoint)")
+    p.add_argument("--accumulate-grad-batches", type=int, default=1, help="batches per optimizer step")
+    p.add_argument("--devices", type=int, default=1, help="processes (CPU) or GPUs per node")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines taking part")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, ... (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, mps or auto")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--logger-freq", type=int, default=300, help="save image logs every N steps (default: %(default)s)")
+    p.add_argument("--log-ddim-steps", type=int, default=20, help="DDIM steps for the logged samples")
+    p.add_argument("--log-dir", default="./lightning_logs", help="logs and image_log/ (default: %(default)s)")
+    p.add_argument("--ckpt-dir", default=None, help="checkpoints (default: <log-dir>/checkpoints)")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="save a checkpoint every N steps (%(default)s)")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="resume a run from a Lightning checkpoint, or 'last' for <ckpt-dir>/last.ckpt")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--weights-digest", action="store_true",
+                   help="each process writes a digest of its weights at the end (to check DDP replicas agree)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the first bad flag or missing file."""
+    for name in ("batch_size", "accumulate_grad_batches", "devices", "num_nodes", "logger_freq", "ckpt_every",
+                 "log_ddim_steps"):  # fmt: skip
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0.0 <= args.empty_prompt_prob <= 1.0:
+        raise ValueError(f"--empty-prompt-prob must be between 0 and 1, got {args.empty_prompt_prob}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be at least 0, got {args.num_workers}")
+    if args.resume is None and not Path(args.init_ckpt).is_file():
+        raise ValueError(f"{args.init_ckpt}: initial checkpoint not found (make it with tool_add_control.py)")
+    if args.webdataset is None and not (Path(args.data) / "prompt.json").is_file():
+        raise ValueError(f"{Path(args.data) / 'prompt.json'}: training data not found "
+                         "(make it with tools/make_fill50k.py, or pass --webdataset)")  # fmt: skip
+
+
+def resume_path(args: argparse.Namespace, ckpt_dir: Path) -> str | None:
+    if args.resume is None:
+        return None
+    path = ckpt_dir / "last.ckpt" if args.resume == "last" else Path(args.resume)
+    if not path.is_file():
+        raise ValueError(f"{path}: checkpoint to resume from not found")
+    return str(path)
+
+
+def build_model(args: argparse.Namespace) -> Any:
+    """The ControlLDM with the initial weights and the reference's training attributes set."""
+    from cldm.model import create_model, load_state_dict
+    from ldm.modules.diffusionmodules.util import set_activation_checkpointing
+
+    model = create_model(args.config).cpu()
+    if args.resume is None:  # a resumed run takes every weight from its checkpoint
+        model.load_state_dict(load_state_dict(args.init_ckpt, location="cpu"), strict=True)
+    model.learning_rate = args.lr
+    model.sd_locked = args.sd_locked
+    model.only_mid_control = args.only_mid_control
+    model.ucg_training = {model.cond_stage_key: {"p": args.empty_prompt_prob, "val": ""}}
+    model.ucg_seed = args.seed
+    if args.activation_checkpointing is not None:
+        set_activation_checkpointing(model, args.activation_checkpointing)
+    return model
+
+
+def build_dataloader(args: argparse.Namespace) -> Any:
+    from torch.utils.data import DataLoader
+
+    from cldm.data import Fill50kDataset, WebDatasetShards
+
+    if args.webdataset is not None:
+        dataset = WebDatasetShards(args.webdataset, resolution=args.resolution, seed=args.seed)
+        return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    dataset = Fill50kDataset(args.data, resolution=args.resolution)
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
+
+
+def build_trainer(args: argparse.Namespace, ckpt_dir: Path, callbacks: list | None = None) -> Any:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.loggers import CSVLogger
+
+    from cldm.logger import ImageLogger, WeightsDigest
+    from ldm.device import lightning_accelerator, resolve_device
+
+    accelerator = lightning_accelerator(resolve_device(args.device))
+    strategy = args.strategy
+    if strategy == "ddp" and args.only_mid_control:  # the unused zero convs would stop plain DDP
+        strategy = "ddp_find_unused_parameters_true"
+    checkpoints = ModelCheckpoint(dirpath=ckpt_dir, filename="{step:06d}", every_n_train_steps=args.ckpt_every,
+                                  save_top_k=-1, save_last=True)  # fmt: skip
+    images = ImageLogger(batch_frequency=args.logger_freq, save_dir=args.log_dir,
+                         log_images_kwargs={"ddim_steps": args.log_ddim_steps})  # fmt: skip
+    callbacks = [checkpoints, images, TQDMProgressBar(refresh_rate=1), *(callbacks or [])]
+    if args.weights_digest:
+        callbacks.append(WeightsDigest(ckpt_dir))
+    return pl.Trainer(
+        accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
+        precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
+        accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks,
+        logger=CSVLogger(args.log_dir, name="", version=""), default_root_dir=args.log_dir,
+        log_every_n_steps=1, enable_model_summary=False,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
+    sys.path.insert(0, str(REPO))
+    args = build_parser().parse_args(argv)
+    ckpt_dir = Path(args.ckpt_dir or Path(args.log_dir) / "checkpoints")
+    try:
+        check_args(args)
+        ckpt_path = resume_path(args, ckpt_dir)
+        import pytorch_lightning as pl
+
+        pl.seed_everything(args.seed, workers=True, verbose=False)
+        model = build_model(args)
+        dataloader = build_dataloader(args)
+        trainer = build_trainer(args, ckpt_dir, callbacks)
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    trainer.fit(model, dataloader, ckpt_path=ckpt_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
