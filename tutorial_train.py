@@ -150,8 +150,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     try:
         check_args(args)
         ckpt_path = resume_path(args, ckpt_dir)
+        import warnings
+
         import pytorch_lightning as pl
 
+        # the frozen VAE and text encoder stay in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
         pl.seed_everything(args.seed, workers=True, verbose=False)
         model = build_model(args)
         dataloader = build_dataloader(args)

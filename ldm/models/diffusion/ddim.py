@@ -43,12 +43,20 @@ def _same_structure(c: Cond, uc: Cond) -> bool:
 
 
 class DDIMSampler:
-    """``DDIMSampler(model).sample(S, batch_size, shape, cond, ...)`` as in the reference."""
+    """``DDIMSampler(model).sample(S, batch_size, shape, cond, ...)`` as in the reference.
 
-    def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any):
+    ``reuse_hint`` (encode the ControlNet hint once per run) and ``batch_cfg`` (one batched pass for
+    the conditional and unconditional predictions) are exact savings; turning both off gives the
+    reference's schedule of work.
+    """
+
+    def __init__(self, model: Any, schedule: str = "linear", reuse_hint: bool = True, batch_cfg: bool = True,
+                 **kwargs: Any):  # fmt: skip
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
+        self.reuse_hint = reuse_hint
+        self.batch_cfg = batch_cfg
 
     @property
     def device(self) -> torch.device:
@@ -101,7 +109,7 @@ class DDIMSampler:
             raise NotImplementedError(f"DDIMSampler.sample does not support: {', '.join(sorted(used))}")
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         prepare = getattr(self.model, "prepare_conditioning", None)
-        if prepare is not None:
+        if prepare is not None and self.reuse_hint:
             conditioning = prepare(conditioning)
             unconditional_conditioning = self._reuse_hint(conditioning, unconditional_conditioning)
             unconditional_conditioning = prepare(unconditional_conditioning)
@@ -140,7 +148,7 @@ class DDIMSampler:
         """Classifier-free guided eps: uncond + scale * (cond - uncond). x [B, 4, h, w]."""
         if uc is None or scale == 1.0:
             return self.model.apply_model(x, t, c)
-        if _same_structure(c, uc):
+        if self.batch_cfg and _same_structure(c, uc):
             e_uncond, e_cond = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(c, uc)).chunk(2)
         else:
             e_cond = self.model.apply_model(x, t, c)
