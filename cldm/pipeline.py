@@ -18,8 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.cldm import control_scales_for
+from cldm.inference import use_path
 from cldm.model import load_model, make_random_checkpoint
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import seed_everything
 
@@ -140,7 +140,7 @@ class Canny2Image:
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model = model
         self.device = device
-        self.sampler = DDIMSampler(model)
+        self.sampler = use_path(model, "fast")
         self.apply_canny = CannyDetector()
 
     @classmethod

@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from benchmarks.diffusers_port import convert_to_diffusers
 from cldm.model import create_model, fill_zero_parameters
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
@@ -30,12 +31,6 @@ TIMESTEPS = (1, 500, 999)
 UNET_PREFIX = "model.diffusion_model."
 CONTROLNET_PREFIX = "control_model."
 VAE_PREFIX = "first_stage_model."
-# diffusers UNet config keys that the ControlNet config shares (see create_controlnet_diffusers_config_from_ldm).
-CONTROLNET_KEYS_FROM_UNET = (
-    "in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-    "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
-    "addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block",
-)  # fmt: skip
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,32 +45,10 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
     assert ours.std().item() > MIN_STD, f"{what}: trivial output (std {ours.std().item():.3g})"
 
 
-def controlnet_config(original_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """diffusers' ControlNet config for the yaml: its helper, or the same mapping where the helper is broken."""
-    try:
-        return sfu.create_controlnet_diffusers_config_from_ldm(original_config, state_dict)
-    except TypeError:  # diffusers 0.42 calls create_unet_diffusers_config_from_ldm without its `checkpoint` argument
-        unet_config = sfu.create_unet_diffusers_config_from_ldm(original_config, state_dict)
-        hint_channels = original_config["model"]["params"]["control_stage_config"]["params"]["hint_channels"]
-        return {"conditioning_channels": hint_channels, **{k: unet_config[k] for k in CONTROLNET_KEYS_FROM_UNET}}
-
-
 def unused_weights(state_dict: dict[str, torch.Tensor], prefix: str, converted: dict[str, torch.Tensor]) -> list[str]:
     """Project keys under ``prefix`` whose tensor (storage) the conversion did not carry over."""
     used = {v.untyped_storage().data_ptr() for v in converted.values()}
     return [k for k, v in state_dict.items() if k.startswith(prefix) and v.untyped_storage().data_ptr() not in used]
-
-
-def build_converted(
-    cls: type, config: dict[str, Any], convert: Any, state_dict: dict[str, torch.Tensor]
-) -> tuple[Any, dict]:
-    """Instantiate ``cls(**config)`` and strictly load ``convert(state_dict, config)``; returns (model, converted)."""
-    converted = convert(state_dict, config)
-    missing_values = [k for k, v in converted.items() if v is None]
-    assert not missing_values, f"{cls.__name__}: conversion found no source for {missing_values[:3]}"
-    model = cls(**config)
-    model.load_state_dict(converted, strict=True)
-    return model.eval(), converted
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +75,7 @@ def state_dict(ldm: torch.nn.Module) -> dict[str, torch.Tensor]:
 def converted(original_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[Any, dict]]:
     """name -> (diffusers model, converted state dict), for "unet", "controlnet" and "vae"."""
     with torch.random.fork_rng():
-        unet_config = sfu.create_unet_diffusers_config_from_ldm(original_config, state_dict)
-        vae_config = sfu.create_vae_diffusers_config_from_ldm(original_config, state_dict)
-        return {
-            "unet": build_converted(
-                diffusers.UNet2DConditionModel, unet_config, sfu.convert_ldm_unet_checkpoint, state_dict
-            ),
-            "controlnet": build_converted(
-                diffusers.ControlNetModel,
-                controlnet_config(original_config, state_dict),
-                sfu.convert_controlnet_checkpoint,
-                state_dict,
-            ),
-            "vae": build_converted(diffusers.AutoencoderKL, vae_config, sfu.convert_ldm_vae_checkpoint, state_dict),
-        }
+        return convert_to_diffusers(original_config, state_dict)
 
 
 @pytest.fixture(scope="module")

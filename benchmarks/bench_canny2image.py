@@ -1,0 +1,288 @@
+"""Speed and memory of full-size SD1.5 + ControlNet sampling on this machine, side by side.
+
+    python benchmarks/bench_canny2image.py                       # 512x512, 20 steps, all paths
+    python benchmarks/bench_canny2image.py --resolution 256 --steps 4 --paths fast,reference
+
+Paths, on the same random weights (models/cldm_v15.yaml, seeded; no download), seed, hint and
+prompt embeddings: ``fast`` (this project's default), ``reference`` (the same code switched to the
+reference's behaviour: plain attention, hint re-encoded every step, separate CFG passes) and
+``diffusers`` (ControlNetModel + UNet2DConditionModel + DDIM in diffusers, weights converted with
+diffusers' utilities; skipped when diffusers is missing). Each path runs in its own process so its
+load time and peak RSS are its own. Prints a table and writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "models" / "cldm_v15.yaml"
+DEFAULT_CKPT = Path(tempfile.gettempdir()) / "controlnet_bench" / "control_sd15_random.pth"
+PROMPT, N_PROMPT = "an astronaut, best quality, extremely detailed", "lowres, bad anatomy, worst quality"
+SCALE = 9.0
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far (GB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 matrix-multiply rate of this machine (best of ``repeats``)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def ensure_checkpoint(path: Path) -> None:
+    """Write the seeded full-size random checkpoint once (every layer random, so every path matters)."""
+    if path.is_file():
+        return
+    from cldm.model import make_random_checkpoint
+
+    print(f"writing the full-size random checkpoint {path} (once) ...", file=sys.stderr)
+    make_random_checkpoint(CONFIG, path, seed=0, fill_zeros_std=0.02)
+
+
+def make_inputs(ckpt: Path, resolution: int, out: Path) -> None:
+    """Hint (Canny of test_imgs/astronaut.png), prompt embeddings and start noise, shared by all paths."""
+    import numpy as np
+    import torch
+
+    from annotator.canny import CannyDetector
+    from annotator.util import HWC3, resize_image
+    from cldm.model import load_state_dict
+    from cldm.pipeline import read_image
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    image = resize_image(HWC3(read_image(REPO / "test_imgs" / "astronaut.png")), resolution)
+    edges = HWC3(CannyDetector()(image, 100, 200))
+    hint = torch.from_numpy(np.ascontiguousarray(edges)).float().permute(2, 0, 1)[None] / 255.0
+    prefix = "cond_stage_model."
+    clip_sd = {k.removeprefix(prefix): v for k, v in load_state_dict(ckpt).items() if k.startswith(prefix)}
+    clip = FrozenCLIPEmbedder()
+    clip.load_state_dict(clip_sd, strict=False)
+    with torch.no_grad():
+        c, uc = clip.encode([PROMPT]), clip.encode([N_PROMPT])
+    h, w = hint.shape[2:]
+    x_t = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
+    torch.save({"hint": hint, "c": c, "uc": uc, "x_T": x_t}, out)
+
+
+def count_flops(step: Any) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int) -> dict:
+    import torch
+
+    from cldm.inference import use_path
+    from cldm.model import load_model
+
+    start = time.perf_counter()
+    model = load_model(CONFIG, ckpt)
+    result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
+    sampler = use_path(model, path_name)
+    cond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["c"]]}
+    uncond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["uc"]]}
+    shape = tuple(inputs["x_T"].shape[1:])
+    stamps: list[float] = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        samples, _ = sampler.sample(steps, 1, shape, cond, verbose=False, x_T=inputs["x_T"].clone(),
+                                    unconditional_guidance_scale=SCALE, unconditional_conditioning=uncond,
+                                    callback=lambda i: stamps.append(time.perf_counter()), progress=False)  # fmt: skip
+        image = model.decode_first_stage(samples)
+    result["whole_s"] = time.perf_counter() - start
+    result["step_s"] = _step_times(start, stamps)
+    t = torch.full((1,), 501, dtype=torch.long)
+    with torch.no_grad():
+        prepared = (model.prepare_conditioning(cond), model.prepare_conditioning(uncond))
+        result["flops_per_step"] = count_flops(lambda: sampler.predict_eps(inputs["x_T"], prepared[0], t, SCALE,
+                                                                           prepared[1]))  # fmt: skip
+    result["image"] = image
+    return result
+
+
+def run_diffusers(ckpt: Path, inputs: dict, steps: int) -> dict:
+    import torch
+    from diffusers import DDIMScheduler
+    from omegaconf import OmegaConf
+
+    from benchmarks.diffusers_port import convert_to_diffusers
+    from cldm.model import load_state_dict
+
+    start = time.perf_counter()
+    original = OmegaConf.to_container(OmegaConf.load(CONFIG), resolve=True)
+    models = convert_to_diffusers(original, load_state_dict(ckpt))
+    unet, controlnet, vae = (models[k][0] for k in ("unet", "controlnet", "vae"))
+    del models
+    result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    scheduler.set_timesteps(steps)
+    context = torch.cat([inputs["uc"], inputs["c"]])
+    hint = torch.cat([inputs["hint"], inputs["hint"]])
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        xx = torch.cat([x, x])
+        down, mid = controlnet(xx, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+        out = unet(xx, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                   mid_block_additional_residual=mid).sample  # fmt: skip
+        e_uncond, e_cond = out.chunk(2)
+        return e_uncond + SCALE * (e_cond - e_uncond)
+
+    x = inputs["x_T"].clone()
+    stamps: list[float] = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(eps(x, t), t, x, eta=0.0).prev_sample
+            stamps.append(time.perf_counter())
+        image = vae.decode(x / 0.18215).sample
+    result["whole_s"] = time.perf_counter() - start
+    result["step_s"] = _step_times(start, stamps)
+    with torch.no_grad():
+        result["flops_per_step"] = count_flops(lambda: eps(inputs["x_T"], torch.tensor(501)))
+    result["image"] = image
+    return result
+
+
+def _step_times(start: float, stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip([start, *stamps[:-1]], stamps)]
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One path in this process; writes its figures (and the decoded image) to ``args.worker_out``."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inputs = torch.load(args.inputs, weights_only=True)
+    if args.worker == "diffusers":
+        result = run_diffusers(args.ckpt, inputs, args.steps)
+    else:
+        result = run_project(args.worker, args.ckpt, inputs, args.steps)
+    result["peak_rss_gb"] = peak_rss_gb()
+    image = ((result.pop("image")[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    torch.save({"result": result, "image": image}, args.worker_out)
+    return 0
+
+
+def run_worker(path: str, args: argparse.Namespace, inputs: Path, tmp: Path) -> dict:
+    out = tmp / f"{path}.pt"
+    cmd = [sys.executable, __file__, "--worker", path, "--worker-out", str(out), "--inputs", str(inputs),
+           "--ckpt", str(args.ckpt), "--steps", str(args.steps), "--threads", str(args.threads or 0)]  # fmt: skip
+    print(f"running {path} ...", file=sys.stderr)
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"path {path} failed with exit code {proc.returncode}")
+    import torch
+
+    return torch.load(out, weights_only=True)
+
+
+def summarize(name: str, data: dict, gemm: float, base_image: Any) -> dict:
+    r = data["result"]
+    step = statistics.median(r["step_s"])
+    gflops = r["flops_per_step"] / step / 1e9
+    row = {"path": name, "step_s": step, "whole_s": r["whole_s"], "tflop_per_step": r["flops_per_step"] / 1e12,
+           "gflops": gflops, "gemm_fraction": gflops / gemm, "peak_rss_gb": r["peak_rss_gb"], "load_s": r["load_s"],
+           "load_peak_rss_gb": r["load_peak_rss_gb"]}  # fmt: skip
+    row["max_abs_diff_vs_fast"] = (
+        None if base_image is None else (data["image"].int() - base_image.int()).abs().max().item()
+    )
+    return row
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    print(f"\n{meta['resolution']}x{meta['resolution']}, {meta['steps']} DDIM steps, CFG {SCALE}, "
+          f"{meta['threads']} threads; fp32 GEMM {meta['gemm_gflops']:.0f} GFLOP/s; "
+          f"checkpoint {meta['ckpt_gb']:.2f} GB")  # fmt: skip
+    head = (f"{'path':<10} {'s/step':>7} {'image s':>8} {'TFLOP/st':>8} {'GFLOP/s':>8} {'of GEMM':>7} "
+            f"{'peak GB':>7} {'load s':>6} {'load GB':>7} {'max diff':>8}")  # fmt: skip
+    print(head)
+    for r in rows:
+        diff = "-" if r["max_abs_diff_vs_fast"] is None else f"{r['max_abs_diff_vs_fast']}/255"
+        print(f"{r['path']:<10} {r['step_s']:7.2f} {r['whole_s']:8.1f} {r['tflop_per_step']:8.2f} {r['gflops']:8.1f} "
+              f"{r['gemm_fraction']:7.0%} {r['peak_rss_gb']:7.2f} {r['load_s']:6.1f} {r['load_peak_rss_gb']:7.2f} "
+              f"{diff:>8}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--resolution", type=int, default=512, help="image side (default 512; 256 for a quick run)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--paths", default="fast,reference,diffusers", help="comma-separated: fast, reference, diffusers")
+    p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="random full-size checkpoint (made if missing)")
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results.json", help="where to write the table")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    unknown = set(paths) - {"fast", "reference", "diffusers"}
+    if unknown or not paths:
+        print(f"error: --paths: unknown path(s) {sorted(unknown)} (choose from fast, reference, diffusers)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if args.resolution % 64 or not 64 <= args.resolution <= 1024:
+        print(f"error: --resolution must be a multiple of 64 in [64, 1024], got {args.resolution}", file=sys.stderr)
+        return 1
+    if "diffusers" in paths:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            print("diffusers is not installed: skipping the diffusers path (pip install diffusers)", file=sys.stderr)
+            paths.remove("diffusers")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ensure_checkpoint(args.ckpt)
+    gemm = gemm_gflops()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        make_inputs(args.ckpt, args.resolution, tmp / "inputs.pt")
+        results = {path: run_worker(path, args, tmp / "inputs.pt", tmp) for path in paths}
+    base = results["fast"]["image"] if "fast" in results else None
+    rows = [summarize(name, data, gemm, base) for name, data in results.items()]
+    meta = {"resolution": args.resolution, "steps": args.steps, "threads": args.threads or torch.get_num_threads(),
+            "gemm_gflops": gemm, "ckpt_gb": args.ckpt.stat().st_size / 1e9, "torch": torch.__version__}  # fmt: skip
+    print_table(rows, meta)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

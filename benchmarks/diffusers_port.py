@@ -1,0 +1,60 @@
+"""The same weights in diffusers: ControlNetModel, UNet2DConditionModel and AutoencoderKL, converted from a
+project state dict with diffusers' own single-file conversion utilities and configs built locally (no hub).
+
+diffusers is optional (tests and the benchmark use it as an independent implementation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# diffusers UNet config keys that the ControlNet config shares (see create_controlnet_diffusers_config_from_ldm).
+CONTROLNET_KEYS_FROM_UNET = (
+    "in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+    "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
+    "addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block",
+)  # fmt: skip
+
+
+def controlnet_config(original_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """diffusers' ControlNet config for the yaml: its helper, or the same mapping where the helper is broken."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    try:
+        return sfu.create_controlnet_diffusers_config_from_ldm(original_config, state_dict)
+    except TypeError:  # diffusers 0.42 calls create_unet_diffusers_config_from_ldm without its `checkpoint` argument
+        unet_config = sfu.create_unet_diffusers_config_from_ldm(original_config, state_dict)
+        hint_channels = original_config["model"]["params"]["control_stage_config"]["params"]["hint_channels"]
+        return {"conditioning_channels": hint_channels, **{k: unet_config[k] for k in CONTROLNET_KEYS_FROM_UNET}}
+
+
+def build_converted(
+    cls: type, config: dict[str, Any], convert: Any, state_dict: dict[str, torch.Tensor]
+) -> tuple[Any, dict]:
+    """Instantiate ``cls(**config)`` and strictly load ``convert(state_dict, config)``; returns (model, converted)."""
+    converted = convert(state_dict, config)
+    missing_values = [k for k, v in converted.items() if v is None]
+    if missing_values:
+        raise ValueError(f"{cls.__name__}: conversion found no source for {missing_values[:3]}")
+    with torch.device("meta"):
+        model = cls(**config)
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.eval(), converted
+
+
+def convert_to_diffusers(original_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """name -> (diffusers model, converted state dict) for "unet", "controlnet" and "vae"."""
+    import diffusers
+    from diffusers.loaders import single_file_utils as sfu
+
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(original_config, state_dict)
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(original_config, state_dict)
+    return {
+        "unet": build_converted(diffusers.UNet2DConditionModel, unet_config, sfu.convert_ldm_unet_checkpoint,
+                                state_dict),  # fmt: skip
+        "controlnet": build_converted(diffusers.ControlNetModel, controlnet_config(original_config, state_dict),
+                                      sfu.convert_controlnet_checkpoint, state_dict),  # fmt: skip
+        "vae": build_converted(diffusers.AutoencoderKL, vae_config, sfu.convert_ldm_vae_checkpoint, state_dict),
+    }

@@ -1,0 +1,66 @@
+"""The fast inference path gives the reference path's output, with the hint encoded once per run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cldm.inference import PATHS, InferencePath, use_path
+from cldm.model import load_model
+from tests.conftest import TINY_CONFIG
+
+
+@pytest.fixture()
+def model(tiny_ckpt):  # a fresh copy: switching paths changes the model's memory format and attention
+    return load_model(TINY_CONFIG, tiny_ckpt)
+
+
+def sample(model: torch.nn.Module, path: str | InferencePath, calls: list[int], steps: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    hint = torch.rand(2, 3, 128, 128, generator=g)
+    x_t = torch.randn(2, 4, 16, 16, generator=g)
+    cond = {"c_concat": [hint], "c_crossattn": [model.get_learned_conditioning(["a house", "a tree"])]}
+    uncond = {"c_concat": [hint], "c_crossattn": [model.get_learned_conditioning([""] * 2)]}
+    sampler = use_path(model, path)
+    encode = model.control_model.encode_hint
+
+    def counted(h: torch.Tensor) -> torch.Tensor:
+        calls.append(h.shape[0])
+        return encode(h)
+
+    model.control_model.encode_hint = counted
+    try:
+        with torch.no_grad():
+            z, _ = sampler.sample(steps, 2, (4, 16, 16), cond, verbose=False, x_T=x_t, progress=False,
+                                  unconditional_guidance_scale=9.0, unconditional_conditioning=uncond)  # fmt: skip
+            return model.decode_first_stage(z)
+    finally:
+        del model.control_model.encode_hint
+
+
+def test_fast_path_equals_reference_path(model: torch.nn.Module) -> None:
+    fast_calls: list[int] = []
+    ref_calls: list[int] = []
+    fast = sample(model, "fast", fast_calls)
+    reference = sample(model, "reference", ref_calls)
+    assert (fast - reference).abs().max() < 1e-4
+    assert fast.std() > 0.01
+    assert fast_calls == [2]  # once per run, shared by the conditional and unconditional halves
+    assert ref_calls == [2] * 8  # the reference re-encodes it for both passes at every step
+
+
+def test_channels_last_switch_keeps_the_output(model: torch.nn.Module) -> None:
+    fast = sample(model, "fast", [])
+    channels_last = sample(model, InferencePath(channels_last=True), [])
+    assert model.model.diffusion_model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert (fast - channels_last).abs().max() < 1e-4
+
+
+def test_paths_are_switches_of_the_same_model(model: torch.nn.Module) -> None:
+    use_path(model, InferencePath(channels_last=True))
+    use_path(model, "reference")
+    assert model.model.diffusion_model.input_blocks[0][0].weight.is_contiguous()
+    assert {m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")} == {"math"}
+    assert set(PATHS) == {"fast", "reference"}
+    with pytest.raises(ValueError, match="unknown inference path 'turbo'"):
+        use_path(model, "turbo")
