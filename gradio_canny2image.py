@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="serve the tiny random-weight demo model")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="hold the weights in bfloat16 (half the RAM), compute in float32")
     return p
 
 
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be at least 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device))
+        pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
+                                          low_memory=args.low_memory)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

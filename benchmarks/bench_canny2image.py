@@ -30,6 +30,7 @@ CONFIG = REPO / "models" / "cldm_v15.yaml"
 DEFAULT_CKPT = Path(tempfile.gettempdir()) / "controlnet_bench" / "control_sd15_random.pth"
 PROMPT, N_PROMPT = "an astronaut, best quality, extremely detailed", "lowres, bad anatomy, worst quality"
 SCALE = 9.0
+PATHS = ("fast", "reference", "diffusers", "low-memory")
 
 
 def peak_rss_gb() -> float:
@@ -65,6 +66,17 @@ def ensure_checkpoint(path: Path) -> None:
 
     print(f"writing the full-size random checkpoint {path} (once) ...", file=sys.stderr)
     make_random_checkpoint(CONFIG, path, seed=0, fill_zeros_std=0.02)
+
+
+def ensure_bf16_copy(ckpt: Path, out: Path) -> None:
+    """The bfloat16 checkpoint the low-memory path maps (written once)."""
+    if out.is_file():
+        return
+    from tools.convert_checkpoint import main as convert
+
+    print(f"writing the bfloat16 copy {out} (once) ...", file=sys.stderr)
+    if convert([str(ckpt), str(out), "--dtype", "bf16"]) != 0:
+        raise RuntimeError(f"could not write {out}")
 
 
 def make_inputs(ckpt: Path, resolution: int, out: Path) -> None:
@@ -107,9 +119,9 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int) -> dict:
     from cldm.model import load_model
 
     start = time.perf_counter()
-    model = load_model(CONFIG, ckpt)
+    model = load_model(CONFIG, ckpt, low_memory=path_name == "low-memory")
     result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    sampler = use_path(model, path_name)
+    sampler = use_path(model, "fast" if path_name == "low-memory" else path_name)
     cond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["c"]]}
     uncond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["uc"]]}
     shape = tuple(inputs["x_T"].shape[1:])
@@ -198,8 +210,9 @@ def worker(args: argparse.Namespace) -> int:
 
 def run_worker(path: str, args: argparse.Namespace, inputs: Path, tmp: Path) -> dict:
     out = tmp / f"{path}.pt"
+    ckpt = args.low_memory_ckpt if path == "low-memory" else args.ckpt
     cmd = [sys.executable, __file__, "--worker", path, "--worker-out", str(out), "--inputs", str(inputs),
-           "--ckpt", str(args.ckpt), "--steps", str(args.steps), "--threads", str(args.threads or 0)]  # fmt: skip
+           "--ckpt", str(ckpt), "--steps", str(args.steps), "--threads", str(args.threads or 0)]  # fmt: skip
     print(f"running {path} ...", file=sys.stderr)
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode != 0:
@@ -242,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=512, help="image side (default 512; 256 for a quick run)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--paths", default="fast,reference,diffusers", help="comma-separated: fast, reference, diffusers")
+    p.add_argument("--paths", default="fast,reference,diffusers,low-memory",
+                   help="comma-separated: fast, reference, diffusers, low-memory")
+    p.add_argument("--low-memory-ckpt", type=Path, default=None,
+                   help="bfloat16 copy of --ckpt for the low-memory path (default: made next to it)")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="random full-size checkpoint (made if missing)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results.json", help="where to write the table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -252,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args)
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
-    unknown = set(paths) - {"fast", "reference", "diffusers"}
+    unknown = set(paths) - set(PATHS)
     if unknown or not paths:
-        print(f"error: --paths: unknown path(s) {sorted(unknown)} (choose from fast, reference, diffusers)",
+        print(f"error: --paths: unknown path(s) {sorted(unknown)} (choose from {', '.join(PATHS)})",
               file=sys.stderr)  # fmt: skip
         return 1
     if args.resolution % 64 or not 64 <= args.resolution <= 1024:
@@ -271,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ensure_checkpoint(args.ckpt)
+    if "low-memory" in paths:
+        args.low_memory_ckpt = args.low_memory_ckpt or args.ckpt.with_name(args.ckpt.stem + "_bf16.pth")
+        ensure_bf16_copy(args.ckpt, args.low_memory_ckpt)
     gemm = gemm_gflops()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -146,22 +146,61 @@ def load_model(
     ckpt_path: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    low_memory: bool = False,
 ) -> nn.Module:
     """Build the config's model and load ``ckpt_path`` into it without a second copy of the weights.
 
     The model is created on the meta device, the checkpoint is memory-mapped and its tensors become
-    the parameters (cast only where their dtype differs from ``dtype``). Returns the model in eval
-    mode on ``device``. Raises :class:`CheckpointError` on any config or checkpoint problem.
+    the parameters (cast only where their dtype differs from ``dtype``). With ``low_memory`` the
+    parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
+    layer computes in float32 (:func:`compute_in_float32`); buffers stay float32. Returns the model in
+    eval mode on ``device``. Raises :class:`CheckpointError` on any config or checkpoint problem.
     """
     config = read_config(config_path)
     state_dict = load_state_dict(ckpt_path)
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
     check_state_dict(model, state_dict, str(ckpt_path))
-    state_dict = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state_dict.items()}
+    params = {name for name, _ in model.named_parameters()}
+
+    def target(name: str) -> torch.dtype:
+        return torch.bfloat16 if low_memory and name in params else dtype
+
+    state_dict = {
+        k: v.to(target(k)) if v.is_floating_point() and v.dtype != target(k) else v for k, v in state_dict.items()
+    }
     model.load_state_dict(state_dict, strict=True, assign=True)
     _materialize_nonpersistent(model)
+    if low_memory:
+        compute_in_float32(model)
     return model.to(torch.device(device)).eval()
+
+
+def compute_in_float32(model: nn.Module) -> int:
+    """Make every module whose own parameters are half precision compute in float32: each call sees
+    float32 copies of its parameters (made per call, freed after). Returns the number of modules."""
+    count = 0
+    for module in model.modules():
+        names = [n for n, p in module.named_parameters(recurse=False) if p.dtype in (torch.bfloat16, torch.float16)]
+        if names:
+            module.forward = _float32_forward(module, names)
+            count += 1
+    return count
+
+
+def _float32_forward(module: nn.Module, names: list[str]) -> Any:
+    forward = type(module).forward
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        held = {n: module._parameters[n] for n in names}
+        try:
+            for n, p in held.items():
+                module._parameters[n] = p.float()
+            return forward(module, *args, **kwargs)
+        finally:
+            module._parameters.update(held)
+
+    return call
 
 
 def fill_zero_parameters(model: nn.Module, std: float, generator: torch.Generator) -> int:

@@ -144,8 +144,11 @@ class Canny2Image:
         self.apply_canny = CannyDetector()
 
     @classmethod
-    def from_checkpoint(cls, config: str | Path, ckpt: str | Path, device: torch.device) -> Canny2Image:
-        return cls(load_model(config, ckpt, device=device), device)
+    def from_checkpoint(
+        cls, config: str | Path, ckpt: str | Path, device: torch.device, low_memory: bool = False
+    ) -> Canny2Image:
+        """Load the model (``low_memory``: bfloat16 weights, float32 compute) and wrap it."""
+        return cls(load_model(config, ckpt, device=device, low_memory=low_memory), device)
 
     def sampling_steps(self, ddim_steps: int) -> int:
         """DDIM iterations a run of ``ddim_steps`` takes (the reference's schedule visits 31 for 30)."""

@@ -272,7 +272,7 @@ class UNetConfig:
 
 def embed_time(time_embed: nn.Module, timesteps: torch.Tensor, model_channels: int) -> torch.Tensor:
     """Timestep embedding [B, 4 * model_channels] of timesteps [B] through the ``time_embed`` MLP."""
-    t_emb = timestep_embedding(timesteps, model_channels).to(time_embed[0].weight.dtype)
+    t_emb = timestep_embedding(timesteps, model_channels)
     return time_embed(t_emb)
 
 
