@@ -7,7 +7,7 @@ Keys and behaviour match the reference ``cldm/cldm.py``: ``control_model.input_h
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -77,40 +77,17 @@ class ControlNet(nn.Module):
     def __init__(
         self,
         image_size: int,
-        in_channels: int,
-        model_channels: int,
         hint_channels: int,
-        num_res_blocks: int | Sequence[int],
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        use_checkpoint: bool = False,
         use_fp16: bool = False,
-        num_heads: int = -1,
-        num_head_channels: int = -1,
         num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
         use_new_attention_order: bool = False,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | Sequence[int] | None = None,
         n_embed: int | None = None,
-        legacy: bool = True,
-        disable_self_attentions: Sequence[bool] | None = None,
-        num_attention_blocks: Sequence[int] | None = None,
-        disable_middle_self_attn: bool = False,
-        use_linear_in_transformer: bool = False,
+        **structure: Any,
     ):
+        """``structure``: the yaml's shape parameters, shared with the UNet (see :class:`UNetConfig`)."""
         super().__init__()
-        cfg = UNetConfig(
-            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, conv_resample,
-            dims, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm, resblock_updown,
-            use_spatial_transformer, transformer_depth, context_dim, legacy, disable_self_attentions,
-            num_attention_blocks, disable_middle_self_attn, use_linear_in_transformer,
-        )  # fmt: skip
+        cfg = UNetConfig(**structure)
+        in_channels, model_channels, dims = cfg.in_channels, cfg.model_channels, cfg.dims
         self.dims = dims
         self.image_size = image_size
         self.in_channels = in_channels

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
 
 # Buffers some checkpoints carry that the model recreates itself (transformers 4.x saved it).
@@ -162,6 +163,10 @@ def load_model(
         model = instantiate_from_config(config.model)
     check_state_dict(model, state_dict, str(ckpt_path))
     params = {name for name, _ in model.named_parameters()}
+    own = dict(model.named_buffers())
+    for name in SCHEDULE_BUFFERS:  # a half-precision schedule in a file: the model's own float32 values
+        if name in state_dict and state_dict[name].dtype != torch.float32 and not own[name].is_meta:
+            state_dict[name] = own[name]
 
     def target(name: str) -> torch.dtype:
         return torch.bfloat16 if low_memory and name in params else dtype
@@ -218,6 +223,14 @@ def fill_zero_parameters(model: nn.Module, std: float, generator: torch.Generato
     return changed
 
 
+def cast_weights(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to ``dtype``, except the diffusion schedule buffers, which stay float32
+    (bfloat16 would round alphas_cumprod[0] to 1.0 and break the DDIM coefficients)."""
+    return {
+        k: v.to(dtype) if v.is_floating_point() and k not in SCHEDULE_BUFFERS else v for k, v in state_dict.items()
+    }
+
+
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write ``{"state_dict": ...}`` atomically (``.safetensors`` for that suffix, else torch.save)."""
     path = Path(path)
@@ -252,6 +265,6 @@ def make_random_checkpoint(
     model = create_model(config_path)
     if fill_zeros_std > 0:
         fill_zero_parameters(model, fill_zeros_std, torch.Generator().manual_seed(seed + 1))
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state_dict = cast_weights(model.state_dict(), dtype)
     save_checkpoint(state_dict, out_path)
     return {k: tuple(v.shape) for k, v in state_dict.items()}

@@ -1,4 +1,4 @@
-"""Rewrite a checkpoint with its floating tensors in another precision (keys unchanged).
+"""Rewrite a checkpoint with its weights in another precision (keys unchanged; the schedule stays float32).
 
     python tools/convert_checkpoint.py models/control_sd15_canny.pth models/control_sd15_canny_bf16.safetensors
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cldm.model import CheckpointError, load_state_dict, save_checkpoint  # noqa: E402
+from cldm.model import CheckpointError, cast_weights, load_state_dict, save_checkpoint  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.output).exists():
             raise ValueError(f"{args.output}: output file already exists")
         dtype = DTYPES[args.dtype]
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_state_dict(args.input).items()}
+        state_dict = cast_weights(load_state_dict(args.input), dtype)
         save_checkpoint(state_dict, args.output)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
