@@ -295,7 +295,10 @@ class LatentDiffusion(DDPM):
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Latent [B, 4, h, w] -> image [B, 3, 8h, 8w], roughly in [-1, 1]."""
-        return self.first_stage_model.decode(z / self.scale_factor)
+        z = z / self.scale_factor
+        if self.first_stage_model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            z = z.contiguous(memory_format=torch.channels_last)  # the decoder runs channels-last (no layout copies)
+        return self.first_stage_model.decode(z)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         if not isinstance(cond, dict):
