@@ -58,13 +58,15 @@ def test_channels_last_switch_keeps_the_output(model: torch.nn.Module) -> None:
 
 def test_fast_path_decodes_channels_last(model: torch.nn.Module) -> None:
     use_path(model, "fast")
-    assert model.first_stage_model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert model.model.diffusion_model.input_blocks[0][0].weight.is_contiguous()  # the UNet stays NCHW
+    assert model.decode_channels_last
+    assert model.first_stage_model.decoder.conv_in.weight.is_contiguous()  # weights stay as mapped
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     fast = model.decode_first_stage(z)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
     use_path(model, "reference")
-    assert model.first_stage_model.decoder.conv_in.weight.is_contiguous()
-    assert (fast - model.decode_first_stage(z)).abs().max() < 1e-5
+    assert not model.decode_channels_last
+    reference = model.decode_first_stage(z)
+    assert reference.is_contiguous() and (fast - reference).abs().max() < 1e-5
 
 
 def test_paths_are_switches_of_the_same_model(model: torch.nn.Module) -> None:

@@ -256,6 +256,7 @@ class LatentDiffusion(DDPM):
         self.cond_stage_trainable = cond_stage_trainable
         self.scale_factor = scale_factor
         self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
+        self.decode_channels_last = False  # set by cldm.inference.use_path
         self.cond_stage_model = self._frozen(instantiate_from_config(cond_stage_config))
 
     @staticmethod
@@ -296,8 +297,8 @@ class LatentDiffusion(DDPM):
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Latent [B, 4, h, w] -> image [B, 3, 8h, 8w], roughly in [-1, 1]."""
         z = z / self.scale_factor
-        if self.first_stage_model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
-            z = z.contiguous(memory_format=torch.channels_last)  # the decoder runs channels-last (no layout copies)
+        if self.decode_channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)  # activations stay channels-last through the decoder
         return self.first_stage_model.decode(z)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
