@@ -67,10 +67,9 @@ def save_png(array: np.ndarray, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from cldm.pipeline import Canny2Image, CannyParams, choose_model, read_image
-    from ldm.device import resolve_device
+    from ldm.device import resolve_device, set_threads
 
     choice = choose_model(args.ckpt, args.config, args.demo)
     if choice.notice:
@@ -87,10 +86,7 @@ def run(args: argparse.Namespace) -> int:
         params.validate()
         image = read_image(Path(args.input))
         device = resolve_device(args.device)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be at least 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()

@@ -134,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: gradio is not installed; run: pip install -r requirements-gradio.txt", file=sys.stderr)
         return 1
-    import torch
 
     from cldm.pipeline import Canny2Image, choose_model
-    from ldm.device import resolve_device
+    from ldm.device import resolve_device, set_threads
 
     choice = choose_model(args.ckpt, args.config, args.demo)
     notice = None
@@ -146,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(notice, file=sys.stderr)
         notice = f"**Demo model.** {notice}"
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be at least 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
                                           low_memory=args.low_memory)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError

@@ -64,3 +64,12 @@ def synchronize(device: torch.device) -> None:
 def lightning_accelerator(device: torch.device) -> str:
     """PyTorch Lightning's accelerator name for ``device`` (``cpu``, ``gpu`` or ``mps``)."""
     return {"cuda": "gpu"}.get(device.type, device.type)
+
+
+def set_threads(n: int | None) -> None:
+    """Set torch's CPU thread count from a ``--threads`` flag (``None``: leave torch's choice)."""
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)

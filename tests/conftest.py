@@ -36,3 +36,14 @@ def fresh_tiny_model() -> torch.nn.Module:
     unet = model.model.diffusion_model
     fill_zero_parameters(unet, 0.05, torch.Generator().manual_seed(1))
     return model
+
+
+def with_flags(args: list[str], extra: list[str]) -> list[str]:
+    """``args`` with each ``--flag value`` pair of ``extra`` replacing the flag's value, or appended."""
+    args = list(args)
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args

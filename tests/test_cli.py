@@ -13,7 +13,7 @@ from PIL import Image
 
 import cpu_canny2image
 from cldm.pipeline import DEFAULT_CKPT
-from tests.conftest import REPO, TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG, with_flags
 
 
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
@@ -65,12 +65,7 @@ def test_user_mistakes_are_one_line(
     capsys: pytest.CaptureFixture, tiny_ckpt: Path, tmp_path: Path, extra: list[str], message: str
 ) -> None:
     out_dir = tmp_path / "out"
-    args = tiny_args(tiny_ckpt, out_dir)
-    for flag, value in zip(extra[::2], extra[1::2]):
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
+    args = with_flags(tiny_args(tiny_ckpt, out_dir), extra)
     code, out, err = run_cli(capsys, *args)
     assert code == 1
     assert err.strip().splitlines() == [f"error: {err.strip().removeprefix('error: ')}"]

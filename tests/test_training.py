@@ -17,7 +17,7 @@ import tutorial_train
 from cldm.data import write_webdataset
 from cldm.model import create_model, fill_zero_parameters, load_state_dict, make_random_checkpoint, save_checkpoint
 from ldm.modules.diffusionmodules.util import set_activation_checkpointing
-from tests.conftest import REPO, TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG, with_flags
 from tools.make_fill50k import make_fill50k
 
 LOCKED_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
@@ -268,12 +268,7 @@ def test_ddp_two_processes_keep_identical_weights(ini_ckpt: Path, fill50k: Path,
 def test_bad_flags_are_one_line(
     ini_ckpt: Path, fill50k: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], message: str
 ) -> None:
-    args = train_args(ini_ckpt, fill50k, tmp_path)
-    for flag, value in zip(extra[::2], extra[1::2]):
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
+    args = with_flags(train_args(ini_ckpt, fill50k, tmp_path), extra)
     assert tutorial_train.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
