@@ -3,7 +3,8 @@
     python cpu_canny2image.py --input test_imgs/astronaut.png --prompt "an astronaut, best quality"
 
 Writes the edge map and each sample as PNG to --output-dir. Without models/control_sd15_canny.pth
-it explains where to get it and runs the tiny random-weight demo instead.
+it explains where to get it and runs the tiny demo instead: a 64 px ControlNet trained here from scratch
+(tools/make_tiny_demo.py), run on test_imgs/disc.png with a prompt naming a circle and background color.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,19 +25,21 @@ DEFAULT_PROMPT = "an astronaut in a white space suit, best quality"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cldm.pipeline import DEFAULT_CKPT, DEFAULT_CONFIG, CannyParams
+    from cldm.pipeline import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, CannyParams
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
 
     d = CannyParams()
     p = argparse.ArgumentParser(description="Canny edge map -> image with Stable Diffusion 1.5 + ControlNet.")
-    p.add_argument("-i", "--input", "--input-image", dest="input", default=str(DEFAULT_IMAGE),
-                   help="input image (default: %(default)s)")
-    p.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="prompt (default: %(default)r)")
-    p.add_argument("--a-prompt", "--added-prompt", dest="a_prompt", default=d.a_prompt, help="added prompt")
-    p.add_argument("--n-prompt", "--negative-prompt", dest="n_prompt", default=d.n_prompt, help="negative prompt")
+    p.add_argument("-i", "--input", "--input-image", dest="input", default=None,
+                   help=f"input image (default: {DEFAULT_IMAGE.name}; demo: {DEMO_IMAGE.name}, both in test_imgs/)")
+    p.add_argument("-p", "--prompt", default=None, help=f"prompt (default: {DEFAULT_PROMPT!r}; demo: {DEMO_PROMPT!r})")
+    p.add_argument("--a-prompt", "--added-prompt", dest="a_prompt", default=None,
+                   help=f"added prompt (default: {d.a_prompt!r}; demo: none)")
+    p.add_argument("--n-prompt", "--negative-prompt", dest="n_prompt", default=None,
+                   help="negative prompt (default: the reference's; demo: none)")
     p.add_argument("-n", "--num-samples", type=int, default=d.num_samples, help="images to generate (1-12)")
     p.add_argument("--image-resolution", type=int, default=None,
-                   help="short side in pixels, rounded to a multiple of 64 (default 512; 256 for the tiny demo)")
+                   help="short side in pixels, rounded to a multiple of 64 (default 512; demo: 64)")
     p.add_argument("--ddim-steps", "--steps", dest="ddim_steps", type=int, default=d.ddim_steps, help="DDIM steps")
     p.add_argument("--guess-mode", action="store_true", help="guess mode: no prompt needed, control drives")
     p.add_argument("--strength", "--control-strength", dest="strength", type=float, default=d.strength,
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--high-threshold", type=int, default=d.high_threshold, help="Canny high threshold (1-255)")
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {DEFAULT_CKPT.relative_to(REPO)})")
     p.add_argument("--config", default=None, help=f"model config (default: {DEFAULT_CONFIG.relative_to(REPO)})")
-    p.add_argument("--demo", action="store_true", help="run the tiny random-weight demo model")
+    p.add_argument("--demo", action="store_true", help="run the tiny trained circle demo (models/cldm_tiny.yaml)")
     p.add_argument("-o", "--output-dir", default="outputs", help="where PNGs are written (default: %(default)s)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -66,25 +70,37 @@ def save_png(array: np.ndarray, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
+    """``(CannyParams, input image path)``: the flags given, the rest from the model's defaults
+    (the reference demo's for SD1.5, :func:`cldm.pipeline.demo_params` for the tiny demo)."""
+    from cldm.pipeline import DEMO_IMAGE, CannyParams, demo_params
 
-    from cldm.pipeline import Canny2Image, CannyParams, choose_model, read_image
+    base = demo_params() if demo else CannyParams(prompt=DEFAULT_PROMPT)
+    given = {name: getattr(args, name) for name in ("prompt", "a_prompt", "n_prompt", "image_resolution")}
+    params = CannyParams(**{
+        **base.to_dict(), **{k: v for k, v in given.items() if v is not None},
+        "num_samples": args.num_samples, "ddim_steps": args.ddim_steps, "guess_mode": args.guess_mode,
+        "strength": args.strength, "scale": args.scale, "seed": args.seed, "eta": args.eta,
+        "low_threshold": args.low_threshold, "high_threshold": args.high_threshold,
+    })  # fmt: skip
+    input_path = Path(args.input) if args.input else (DEMO_IMAGE if demo else DEFAULT_IMAGE)
+    return params, input_path
+
+
+def run(args: argparse.Namespace) -> int:
+    from cldm.pipeline import Canny2Image, choose_model, read_image
     from ldm.device import resolve_device, set_threads
 
-    choice = choose_model(args.ckpt, args.config, args.demo)
-    if choice.notice:
-        print(choice.notice, file=sys.stderr)
-    config, ckpt = choice.config, choice.ckpt
-    resolution = args.image_resolution or (256 if choice.demo else 512)
-    params = CannyParams(
-        prompt=args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt, num_samples=args.num_samples,
-        image_resolution=resolution, ddim_steps=args.ddim_steps, guess_mode=args.guess_mode,
-        strength=args.strength, scale=args.scale, seed=args.seed, eta=args.eta,
-        low_threshold=args.low_threshold, high_threshold=args.high_threshold,
-    )  # fmt: skip
     try:
+        choice = choose_model(args.ckpt, args.config, args.demo)
+        if choice.notice:
+            print(choice.notice, file=sys.stderr)
+        config, ckpt = choice.config, choice.ckpt
+        params, input_path = settings(args, choice.demo)
+        if choice.demo:
+            print(f"demo: {input_path} -> prompt {params.prompt!r} at {params.image_resolution} px", file=sys.stderr)
         params.validate()
-        image = read_image(Path(args.input))
+        image = read_image(input_path)
         device = resolve_device(args.device)
         set_threads(args.threads)
         out_dir = Path(args.output_dir)
@@ -97,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     start = time.perf_counter()
     results, seed = pipe(image, params)
-    stem = Path(args.input).stem
+    stem = input_path.stem
     paths = [out_dir / f"{stem}_edges.png"] + [out_dir / f"{stem}_{seed}_{i}.png" for i in range(len(results) - 1)]
     for array, path in zip(results, paths):
         save_png(array, path)

@@ -5,7 +5,8 @@
 
 Same controls and output as the reference page: the detected edge map first, then the samples.
 It loads the model and samples exactly as ``cpu_canny2image.py`` does (``cldm.pipeline``); without
-models/control_sd15_canny.pth it serves the tiny random-weight demo and says so on the page.
+models/control_sd15_canny.pth it serves the tiny trained circle demo (with its circle image and prompt)
+and says so on the page.
 Requests are queued and run one at a time.
 """
 
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import gradio
 
-    from cldm.pipeline import Canny2Image
+    from cldm.pipeline import Canny2Image, CannyParams
 
 REPO = Path(__file__).resolve().parent
 TITLE = "Control Stable Diffusion with Canny Edge Maps"
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (needs internet)")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: models/control_sd15_canny.pth)")
     p.add_argument("--config", default=None, help="model config (default: models/cldm_v15.yaml)")
-    p.add_argument("--demo", action="store_true", help="serve the tiny random-weight demo model")
+    p.add_argument("--demo", action="store_true", help="serve the tiny trained circle demo (models/cldm_tiny.yaml)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--low-memory", action="store_true",
@@ -82,26 +83,30 @@ def make_process(pipe: Canny2Image) -> Callable[..., list]:
     return process
 
 
-def build_page(pipe: Canny2Image, notice: str | None = None, resolution: int = 512) -> gradio.Blocks:
-    """The Gradio Blocks page: the reference's layout, plus ``notice`` (e.g. the demo model) on top."""
+def build_page(
+    pipe: Canny2Image, notice: str | None = None, defaults: CannyParams | None = None, image: Path | None = None
+) -> gradio.Blocks:
+    """The Gradio Blocks page: the reference's layout, plus ``notice`` (e.g. the demo model) on top;
+    ``defaults`` fill the controls and ``image`` the input (the demo's circle)."""
     import gradio as gr
 
     from cldm.pipeline import MAX_SEED, CannyParams
 
-    d = CannyParams(image_resolution=resolution)
+    d = defaults or CannyParams()
     with gr.Blocks(title="ControlNet canny", analytics_enabled=False) as page:
         gr.Markdown(f"## {TITLE}")
         if notice:
             gr.Markdown(notice, elem_id="notice")
         with gr.Row():
             with gr.Column():
-                input_image = gr.Image(sources=["upload"], type="filepath", label="Input image")
-                prompt = gr.Textbox(label="Prompt")
+                input_image = gr.Image(value=str(image) if image else None, sources=["upload"], type="filepath",
+                                       label="Input image")  # fmt: skip
+                prompt = gr.Textbox(label="Prompt", value=d.prompt)
                 run_button = gr.Button("Run", variant="primary")
                 with gr.Accordion("Advanced options", open=False):
                     num_samples = gr.Slider(label="Images", minimum=1, maximum=12, value=d.num_samples, step=1)
-                    image_resolution = gr.Slider(label="Image Resolution", minimum=256, maximum=768,
-                                                 value=d.image_resolution, step=64)  # fmt: skip
+                    image_resolution = gr.Slider(label="Image Resolution", minimum=min(256, d.image_resolution),
+                                                 maximum=768, value=d.image_resolution, step=64)  # fmt: skip
                     strength = gr.Slider(label="Control Strength", minimum=0.0, maximum=2.0, value=d.strength,
                                          step=0.01)  # fmt: skip
                     guess_mode = gr.Checkbox(label="Guess Mode", value=d.guess_mode)
@@ -135,16 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: gradio is not installed; run: pip install -r requirements-gradio.txt", file=sys.stderr)
         return 1
 
-    from cldm.pipeline import Canny2Image, choose_model
+    from cldm.pipeline import DEMO_IMAGE, Canny2Image, CannyParams, choose_model, demo_params, describe_demo
     from ldm.device import resolve_device, set_threads
 
-    choice = choose_model(args.ckpt, args.config, args.demo)
-    notice = None
-    if choice.demo:
-        notice = choice.notice or "Started with --demo: random weights, so images are noise; it shows the pipeline."
-        print(notice, file=sys.stderr)
-        notice = f"**Demo model.** {notice}"
     try:
+        choice = choose_model(args.ckpt, args.config, args.demo)
+        notice = None
+        if choice.demo:
+            notice = choice.notice or describe_demo()
+            print(notice, file=sys.stderr)
+            notice = f"**Demo model.** {notice}"
         set_threads(args.threads)
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
                                           low_memory=args.low_memory)  # fmt: skip
@@ -152,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"loaded {choice.ckpt} ({choice.config.name})", file=sys.stderr)
-    page = build_page(pipe, notice, resolution=256 if choice.demo else 512)
+    if choice.demo:
+        page = build_page(pipe, notice, demo_params(), DEMO_IMAGE)
+    else:
+        page = build_page(pipe, notice, CannyParams())
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # fmt: skip  # no web fonts: works offline
     try:

@@ -44,17 +44,29 @@ def build_converted(
     return model.eval(), converted
 
 
+def norm_groups(original_config: dict[str, Any]) -> tuple[int, int]:
+    """(UNet/ControlNet, VAE) GroupNorm group counts of the yaml (``norm_num_groups``, SD's 32 when absent)."""
+    params = original_config["model"]["params"]
+    unet = params["unet_config"]["params"].get("norm_num_groups", 32)
+    vae = params["first_stage_config"]["params"]["ddconfig"].get("norm_num_groups", 32)
+    return unet, vae
+
+
 def convert_to_diffusers(original_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """name -> (diffusers model, converted state dict) for "unet", "controlnet" and "vae"."""
     import diffusers
     from diffusers.loaders import single_file_utils as sfu
 
-    unet_config = sfu.create_unet_diffusers_config_from_ldm(original_config, state_dict)
-    vae_config = sfu.create_vae_diffusers_config_from_ldm(original_config, state_dict)
+    unet_groups, vae_groups = norm_groups(original_config)
+    unet_config = {**sfu.create_unet_diffusers_config_from_ldm(original_config, state_dict),
+                   "norm_num_groups": unet_groups}  # fmt: skip
+    controlnet = {**controlnet_config(original_config, state_dict), "norm_num_groups": unet_groups}
+    vae_config = {**sfu.create_vae_diffusers_config_from_ldm(original_config, state_dict),
+                  "norm_num_groups": vae_groups}  # fmt: skip
     return {
         "unet": build_converted(diffusers.UNet2DConditionModel, unet_config, sfu.convert_ldm_unet_checkpoint,
                                 state_dict),  # fmt: skip
-        "controlnet": build_converted(diffusers.ControlNetModel, controlnet_config(original_config, state_dict),
-                                      sfu.convert_controlnet_checkpoint, state_dict),  # fmt: skip
+        "controlnet": build_converted(diffusers.ControlNetModel, controlnet, sfu.convert_controlnet_checkpoint,
+                                      state_dict),  # fmt: skip
         "vae": build_converted(diffusers.AutoencoderKL, vae_config, sfu.convert_ldm_vae_checkpoint, state_dict),
     }

@@ -126,10 +126,33 @@ def read_config(config_path: str | os.PathLike) -> Any:
     return config
 
 
-def create_model(config_path: str | os.PathLike) -> nn.Module:
-    """Build the model of a yaml config with freshly initialised weights, on the CPU (reference API)."""
-    config = read_config(config_path)
-    return instantiate_from_config(config.model).cpu()
+# ControlLDM parameters that the plain LatentDiffusion (the base model) does not take.
+CONTROL_PARAMS = ("control_stage_config", "control_key", "only_mid_control", "sd_locked")
+BASE_MODEL_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
+BASE_UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
+
+
+def base_model_config(model_config: Any) -> Any:
+    """The base Stable-Diffusion-style model of a ControlLDM ``model`` config: the same UNet, VAE and text
+    encoder as a ``LatentDiffusion`` without the ControlNet (the layout ``tool_add_control.py`` reads)."""
+    config = OmegaConf.create(OmegaConf.to_container(model_config))
+    for key in CONTROL_PARAMS:
+        config.params.pop(key, None)
+    config.target = BASE_MODEL_TARGET
+    config.params.unet_config.target = BASE_UNET_TARGET
+    return config
+
+
+def model_config(config_path: str | os.PathLike, base: bool = False) -> Any:
+    """The ``model`` section of a yaml config; ``base``: its base model (see :func:`base_model_config`)."""
+    config = read_config(config_path).model
+    return base_model_config(config) if base else config
+
+
+def create_model(config_path: str | os.PathLike, base: bool = False) -> nn.Module:
+    """Build the model of a yaml config with freshly initialised weights, on the CPU (reference API);
+    ``base``: the config's base model without the ControlNet."""
+    return instantiate_from_config(model_config(config_path, base)).cpu()
 
 
 def _materialize_nonpersistent(model: nn.Module) -> None:
@@ -148,8 +171,10 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     low_memory: bool = False,
+    base: bool = False,
 ) -> nn.Module:
-    """Build the config's model and load ``ckpt_path`` into it without a second copy of the weights.
+    """Build the config's model (``base``: its base model without the ControlNet) and load ``ckpt_path``
+    into it without a second copy of the weights.
 
     The model is created on the meta device, the checkpoint is memory-mapped and its tensors become
     the parameters (cast only where their dtype differs from ``dtype``). With ``low_memory`` the
@@ -157,10 +182,10 @@ def load_model(
     layer computes in float32 (:func:`compute_in_float32`); buffers stay float32. Returns the model in
     eval mode on ``device``. Raises :class:`CheckpointError` on any config or checkpoint problem.
     """
-    config = read_config(config_path)
+    config = model_config(config_path, base)
     state_dict = load_state_dict(ckpt_path)
     with torch.device("meta"):
-        model = instantiate_from_config(config.model)
+        model = instantiate_from_config(config)
     check_state_dict(model, state_dict, str(ckpt_path))
     params = {name for name, _ in model.named_parameters()}
     own = dict(model.named_buffers())

@@ -19,7 +19,7 @@ from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.cldm import control_scales_for
 from cldm.inference import use_path
-from cldm.model import load_model, make_random_checkpoint
+from cldm.model import CheckpointError, load_model
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import seed_everything
 
@@ -27,7 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "models" / "cldm_v15.yaml"
 DEFAULT_CKPT = REPO / "models" / "control_sd15_canny.pth"
 TINY_CONFIG = REPO / "models" / "cldm_tiny.yaml"
-TINY_CKPT = REPO / "models" / "control_tiny_random.ckpt"
+DEMO_CKPT = REPO / "models" / "control_tiny_circles.ckpt"
+DEMO_IMAGE = REPO / "test_imgs" / "disc.png"
+DEMO_PROMPT = "red circle with blue background"
+DEMO_COLORS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black")
+DEMO_RECIPE = "python tools/make_tiny_demo.py"
 CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/blob/main/models/control_sd15_canny.pth"
 MAX_SEED = 2**31 - 1
 
@@ -80,21 +84,40 @@ class CannyParams:
         return asdict(self)
 
 
-def ensure_tiny_checkpoint(path: Path = TINY_CKPT, config: Path = TINY_CONFIG) -> Path:
-    """Create the seeded tiny random-weight demo checkpoint if it is not there yet."""
+def demo_params(**overrides: object) -> CannyParams:
+    """The tiny circle demo's settings: prompts as it was trained (no added or negative prompt), 64 px."""
+    settings: dict = {"prompt": DEMO_PROMPT, "a_prompt": "", "n_prompt": "", "image_resolution": 64}
+    return CannyParams(**{**settings, **overrides})
+
+
+def demo_checkpoint(path: Path = DEMO_CKPT) -> Path:
+    """The shipped demo checkpoint; ``CheckpointError`` saying how to get it back when it is missing."""
     if not path.is_file():
-        make_random_checkpoint(config, path, seed=0, fill_zeros_std=0.02, dtype=torch.float16)
+        raise CheckpointError(f"{_shown(path)}: demo checkpoint not found; restore it with "
+                              f"'git checkout -- {_shown(path)}' or retrain it with '{DEMO_RECIPE}'")  # fmt: skip
     return path
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
+def describe_demo() -> str:
+    """One sentence on what the demo model is and what it can draw."""
+    return (
+        f"The tiny demo ({_shown(DEMO_CKPT)}) is a 64 px model trained on this CPU from scratch ({DEMO_RECIPE}): "
+        "it draws a circle in the colors the prompt names "
+        f"('<color> circle with <color> background'; colors: {', '.join(DEMO_COLORS)}). Its ControlNet does "
+        "not follow the input's outline yet (see the README)."
+    )
 
 
 def missing_checkpoint_message(ckpt: Path) -> str:
     """What is missing, where to get it, and what runs instead."""
-    shown = ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt
     return (
-        f"{shown} not found: this needs the ControlNet canny checkpoint (5.7 GB). Download "
-        f"control_sd15_canny.pth from {CKPT_URL} into models/. Until then the tiny random-weight demo "
-        f"runs instead ({TINY_CONFIG.relative_to(REPO)}; images are noise, it only shows the pipeline works); "
-        "ask for it explicitly with --demo."
+        f"{_shown(ckpt)} not found: this needs the ControlNet canny checkpoint (5.7 GB). Download "
+        f"control_sd15_canny.pth from {CKPT_URL} into models/. Until then the tiny demo runs instead; "
+        f"ask for it explicitly with --demo. {describe_demo()}"
     )
 
 
@@ -111,13 +134,12 @@ class ModelChoice:
 def choose_model(ckpt: str | Path | None = None, config: str | Path | None = None, demo: bool = False) -> ModelChoice:
     """The scripts' model choice: ``--demo``, an explicit ``--ckpt``, the real checkpoint, else the demo."""
     if demo:
-        return ModelChoice(Path(config or TINY_CONFIG), ensure_tiny_checkpoint(), True)
+        return ModelChoice(Path(config or TINY_CONFIG), demo_checkpoint(), True)
     if ckpt is not None:
         return ModelChoice(Path(config or DEFAULT_CONFIG), Path(ckpt), False)
     if DEFAULT_CKPT.is_file():
         return ModelChoice(Path(config or DEFAULT_CONFIG), DEFAULT_CKPT, False)
-    return ModelChoice(Path(config or TINY_CONFIG), ensure_tiny_checkpoint(), True,
-                       missing_checkpoint_message(DEFAULT_CKPT))  # fmt: skip
+    return ModelChoice(Path(config or TINY_CONFIG), demo_checkpoint(), True, missing_checkpoint_message(DEFAULT_CKPT))
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -97,14 +97,16 @@ def test_corrupt_checkpoint_from_the_command_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(DEFAULT_CKPT.is_file(), reason="the real checkpoint is present")
-def test_missing_real_checkpoint_falls_back_to_the_demo(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "cpu_canny2image.py"), "--ddim-steps", "2", "--image-resolution", "64",
-         "-o", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+def test_missing_real_checkpoint_falls_back_to_the_trained_demo(tmp_path: Path) -> None:
+    """No flags, no real checkpoint: the tiny trained demo runs on test_imgs/disc.png with its own prompt at
+    64 px, and says what it did."""
+    proc = subprocess.run([sys.executable, str(REPO / "cpu_canny2image.py"), "--seed", "1", "-o", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "control_sd15_canny.pth not found" in proc.stderr
     assert "huggingface.co/lllyasviel/ControlNet" in proc.stderr and "--demo" in proc.stderr
-    names = {p.name for p in tmp_path.iterdir()}
-    assert "astronaut_edges.png" in names and len(names) == 2  # edge map + one sample
+    assert "demo: " in proc.stderr and "disc.png -> prompt 'red circle with blue background' at 64 px" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disc_1_0.png", "disc_edges.png"]
+    with Image.open(tmp_path / "disc_1_0.png") as sample, Image.open(tmp_path / "disc_edges.png") as edges:
+        assert sample.size == edges.size == (64, 64)
+        assert (np.array(edges) < 128).sum() > 50  # the disc's outline was found (black edges on white)

@@ -18,7 +18,7 @@ import torch
 gr = pytest.importorskip("gradio")
 
 import gradio_canny2image  # noqa: E402
-from cldm.pipeline import DEFAULT_CKPT, Canny2Image  # noqa: E402
+from cldm.pipeline import DEFAULT_CKPT, DEMO_PROMPT, Canny2Image  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -168,8 +168,10 @@ def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
             notice = page.locator("#notice")
             expect(notice).to_contain_text("Demo model.")
             expect(notice).to_contain_text("control_sd15_canny.pth not found")
+            expect(page.get_by_label("Prompt", exact=True)).to_have_value(DEMO_PROMPT)  # the demo's own settings
+            page.get_by_label("Remove Image").first.click()  # the demo's circle image is pre-filled: remove it
 
-            page.get_by_role("button", name="Run").click()  # no image yet: an error on the page
+            page.get_by_role("button", name="Run").click()  # no image now: an error on the page
             error = page.get_by_text("No input image").first
             expect(error).to_be_visible(timeout=30_000)
             page.locator(".toast-close").first.click()

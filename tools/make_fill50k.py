@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,21 +90,36 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def pick_colors(rng: np.random.Generator) -> tuple[str, str]:
-    """Draw (circle, background) color names at least ``MIN_COLOR_DISTANCE`` apart in RGB."""
-    names = list(COLORS)
+def pick_colors(rng: np.random.Generator, names: Sequence[str] | None = None) -> tuple[str, str]:
+    """Draw (circle, background) color names from ``names`` (default: all of ``COLORS``), at least
+    ``MIN_COLOR_DISTANCE`` apart in RGB."""
+    names = list(names or COLORS)
+    unknown = [n for n in names if n not in COLORS]
+    if unknown:
+        raise ValueError(f"unknown color name(s): {', '.join(unknown)}")
     circle = names[int(rng.integers(len(names)))]
     circle_rgb = np.array(COLORS[circle], dtype=np.float64)
     candidates = [n for n in names if np.linalg.norm(np.array(COLORS[n]) - circle_rgb) >= MIN_COLOR_DISTANCE]
+    if not candidates:
+        raise ValueError(f"no color in {names} is far enough from '{circle}' to serve as its background")
     background = candidates[int(rng.integers(len(candidates)))]
     return circle, background
 
 
-def pick_geometry(rng: np.random.Generator, resolution: int) -> tuple[tuple[int, int], int, int]:
-    """Draw ((cx, cy), radius, outline thickness); the outlined circle lies fully inside the image."""
+def pick_geometry(
+    rng: np.random.Generator, resolution: int, radius_range: tuple[float, float] | None = None
+) -> tuple[tuple[int, int], int, int]:
+    """Draw ((cx, cy), radius, outline thickness); the outlined circle lies fully inside the image.
+
+    ``radius_range``: (min, max) radius as fractions of ``resolution`` (default: 1/10 to 1/3).
+    """
     thickness = int(rng.integers(1, min(3, max(1, resolution // 128)) + 1))
-    r_min = max(2, -(-resolution // 10))
-    r_max = resolution // 3
+    if radius_range is None:
+        r_min, r_max = max(2, -(-resolution // 10)), resolution // 3
+    else:
+        r_min, r_max = max(2, round(radius_range[0] * resolution)), round(radius_range[1] * resolution)
+        if not 2 <= r_min <= r_max < resolution // 2 - thickness:
+            raise ValueError(f"radius range {radius_range} does not fit a {resolution} px image")
     radius = int(rng.integers(r_min, r_max + 1))
     low, high = radius + thickness, resolution - radius - thickness  # centre in [low, high)
     cx, cy = (int(v) for v in rng.integers(low, high, size=2))
@@ -138,8 +154,14 @@ def draw_filled(resolution: int, center: tuple[int, int], radius: int, circle_rg
     return img
 
 
-def make_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, np.ndarray, str, dict[str, Any]]:
-    """Draw one sample: (source, target, prompt, meta).
+def make_sample(
+    rng: np.random.Generator,
+    resolution: int,
+    colors: Sequence[str] | None = None,
+    radius_range: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, str, dict[str, Any]]:
+    """Draw one sample: (source, target, prompt, meta); ``colors`` and ``radius_range`` restrict the draw
+    (see :func:`pick_colors`, :func:`pick_geometry`).
 
     source: (R, R, 3) uint8 RGB outline; target: (R, R, 3) uint8 RGB filled circle; meta: ``center`` (cx, cy)
     in pixels, ``radius``, ``thickness``, ``resolution``, ``circle_color`` / ``background_color`` names and
@@ -147,8 +169,8 @@ def make_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, 
     """
     if resolution < MIN_RESOLUTION:
         raise ValueError(f"resolution must be >= {MIN_RESOLUTION}, got {resolution}")
-    center, radius, thickness = pick_geometry(rng, resolution)
-    circle, background = pick_colors(rng)
+    center, radius, thickness = pick_geometry(rng, resolution, radius_range)
+    circle, background = pick_colors(rng, colors)
     source = draw_outline(resolution, center, radius, thickness)
     target = draw_filled(resolution, center, radius, COLORS[circle], COLORS[background])
     prompt = f"{circle} circle with {background} background"
@@ -173,8 +195,20 @@ def write_rgb_png(path: Path, rgb: np.ndarray) -> None:
     path.write_bytes(buf.tobytes())
 
 
-def make_fill50k(out_dir: Path, n: int, resolution: int = 512, seed: int = 0, *, progress: bool = False) -> Path:
-    """Write ``n`` samples to ``out_dir`` (source/, target/, then prompt.json last); return prompt.json's path."""
+def make_fill50k(
+    out_dir: Path,
+    n: int,
+    resolution: int = 512,
+    seed: int = 0,
+    *,
+    colors: Sequence[str] | None = None,
+    radius_range: tuple[float, float] | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write ``n`` samples to ``out_dir`` (source/, target/, then prompt.json last); return prompt.json's path.
+
+    ``colors``/``radius_range`` restrict the draw as in :func:`make_sample`.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if resolution < MIN_RESOLUTION:
@@ -189,7 +223,7 @@ def make_fill50k(out_dir: Path, n: int, resolution: int = 512, seed: int = 0, *,
         indices = tqdm(indices, desc="fill50k", unit="img")
     lines = []
     for i in indices:
-        source, target, prompt, _ = make_sample(sample_rng(seed, i), resolution)
+        source, target, prompt, _ = make_sample(sample_rng(seed, i), resolution, colors, radius_range)
         write_rgb_png(out_dir / "source" / f"{i}.png", source)
         write_rgb_png(out_dir / "target" / f"{i}.png", target)
         lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": prompt}))

@@ -1,9 +1,11 @@
 """Create the images in ``test_imgs/``.
 
 Always writes ``circle.png``: a seeded, fill50k-style condition image (white circle outline
-on black, 512 x 512). With ``--skimage-wheel`` it also extracts public-domain / CC0 photos from
-a scikit-image wheel (``pip download --no-deps scikit-image``), strips their metadata and
-stores them as RGB PNG with the short side at most 512 px:
+on black, 512 x 512), and ``disc.png``: the tiny demo's input, an orange disc on a dark gray
+background (512 x 512) whose Canny edge map at 64 px is one clean circle outline. With
+``--skimage-wheel`` it also extracts public-domain / CC0 photos from a scikit-image wheel
+(``pip download --no-deps scikit-image``), strips their metadata and stores them as RGB PNG with
+the short side at most 512 px:
 
     python tools/make_test_imgs.py --skimage-wheel /tmp/dl/scikit_image-0.26.0-*.whl
 """
@@ -43,6 +45,15 @@ def make_circle(size: int = CIRCLE_SIZE, seed: int = CIRCLE_SEED) -> Image.Image
     return img
 
 
+def make_disc(size: int = CIRCLE_SIZE) -> Image.Image:
+    """An orange disc (centre (296, 216), radius 136 at 512 px) on dark gray, scaled to ``size``."""
+    scale = size / 512
+    cx, cy, radius = 296 * scale, 216 * scale, 136 * scale
+    img = Image.new("RGB", (size, size), (40, 40, 40))
+    ImageDraw.Draw(img).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(255, 140, 0))
+    return img
+
+
 def limit_short_side(img: Image.Image, max_short: int = MAX_SHORT_SIDE) -> Image.Image:
     """Downscale (Lanczos) so the short side is at most ``max_short``."""
     short = min(img.size)
@@ -75,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     save_png(make_circle(), args.out / "circle.png")
+    save_png(make_disc(), args.out / "disc.png")
     if args.skimage_wheel is not None:
         extract_photos(args.skimage_wheel, args.out)
 

@@ -144,6 +144,7 @@ class SpatialTransformer(nn.Module):
         disable_self_attn: bool = False,
         use_linear: bool = False,
         use_checkpoint: bool = True,
+        norm_num_groups: int = 32,
     ):
         super().__init__()
         if context_dim is not None and not isinstance(context_dim, (list, tuple)):
@@ -152,7 +153,7 @@ class SpatialTransformer(nn.Module):
         inner_dim = n_heads * d_head
         self.in_channels = in_channels
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.norm = nn.GroupNorm(num_groups=norm_num_groups, num_channels=in_channels, eps=1e-6, affine=True)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
         else:

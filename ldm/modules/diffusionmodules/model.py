@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -53,17 +54,18 @@ class ResnetBlock(nn.Module):
         conv_shortcut: bool = False,
         dropout: float = 0.0,
         temb_channels: int = 0,
+        num_groups: int = 32,
     ):
         super().__init__()
         out_channels = out_channels or in_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.use_conv_shortcut = conv_shortcut
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
             self.temb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -85,10 +87,10 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over pixels with 1x1-conv projections. x [B, C, H, W]."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, num_groups: int = 32):
         super().__init__()
         self.in_channels = in_channels
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, num_groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -103,9 +105,9 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
+def make_attn(in_channels: int, attn_type: str = "vanilla", num_groups: int = 32) -> nn.Module:
     if attn_type in ("vanilla", "vanilla-xformers"):
-        return AttnBlock(in_channels)
+        return AttnBlock(in_channels, num_groups)
     if attn_type == "none":
         return nn.Identity()
     raise ValueError(f"attn_type {attn_type} unknown")
@@ -130,9 +132,11 @@ class Encoder(nn.Module):
         double_z: bool = True,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm_num_groups: int = 32,
         **ignore_kwargs: object,
     ):
         super().__init__()
+        res_block = partial(ResnetBlock, dropout=dropout, num_groups=norm_num_groups)
         if use_linear_attn:
             attn_type = "linear"
         self.ch = ch
@@ -150,10 +154,10 @@ class Encoder(nn.Module):
             block_in = ch * in_ch_mult[i_level]
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                block.append(res_block(in_channels=block_in, out_channels=block_out))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
+                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
             down = nn.Module()
             down.block = block
             down.attn = attn
@@ -162,10 +166,10 @@ class Encoder(nn.Module):
                 curr_res //= 2
             self.down.append(down)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid.block_1 = res_block(in_channels=block_in, out_channels=block_in)
+        self.mid.attn_1 = make_attn(block_in, attn_type, norm_num_groups)
+        self.mid.block_2 = res_block(in_channels=block_in, out_channels=block_in)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,9 +205,11 @@ class Decoder(nn.Module):
         tanh_out: bool = False,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm_num_groups: int = 32,
         **ignore_kwargs: object,
     ):
         super().__init__()
+        res_block = partial(ResnetBlock, dropout=dropout, num_groups=norm_num_groups)
         if use_linear_attn:
             attn_type = "linear"
         self.ch = ch
@@ -218,18 +224,18 @@ class Decoder(nn.Module):
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
+        self.mid.block_1 = res_block(in_channels=block_in, out_channels=block_in)
+        self.mid.attn_1 = make_attn(block_in, attn_type, norm_num_groups)
+        self.mid.block_2 = res_block(in_channels=block_in, out_channels=block_in)
         ups: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                block.append(res_block(in_channels=block_in, out_channels=block_out))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
+                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
             up = nn.Module()
             up.block = block
             up.attn = attn
@@ -238,7 +244,7 @@ class Decoder(nn.Module):
                 curr_res *= 2
             ups.insert(0, up)
         self.up = nn.ModuleList(ups)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -100,13 +100,16 @@ class ResBlock(TimestepBlock):
         use_checkpoint: bool = False,
         up: bool = False,
         down: bool = False,
+        norm_num_groups: int = 32,
     ):
         super().__init__()
         self.out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
+            normalization(channels, norm_num_groups),
+            nn.SiLU(),
+            conv_nd(dims, channels, self.out_channels, 3, padding=1),
         )
         self.updown = up or down
         if up:
@@ -119,7 +122,7 @@ class ResBlock(TimestepBlock):
             nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
         )
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
+            normalization(self.out_channels, norm_num_groups),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
@@ -190,6 +193,7 @@ class UNetConfig:
         num_attention_blocks: Sequence[int] | None = None,
         disable_middle_self_attn: bool = False,
         use_linear_in_transformer: bool = False,
+        norm_num_groups: int = 32,
     ):
         if not use_spatial_transformer or context_dim is None:
             raise ValueError("only the cross-attention UNet (use_spatial_transformer with context_dim) is supported")
@@ -226,6 +230,7 @@ class UNetConfig:
         self.num_attention_blocks = num_attention_blocks
         self.disable_middle_self_attn = disable_middle_self_attn
         self.use_linear_in_transformer = use_linear_in_transformer
+        self.norm_num_groups = norm_num_groups
 
     @property
     def time_embed_dim(self) -> int:
@@ -246,6 +251,7 @@ class UNetConfig:
             use_scale_shift_norm=self.use_scale_shift_norm,
             up=up,
             down=down,
+            norm_num_groups=self.norm_num_groups,
         )
 
     def transformer(self, ch: int, disable_self_attn: bool = False) -> SpatialTransformer:
@@ -260,6 +266,7 @@ class UNetConfig:
             disable_self_attn=disable_self_attn,
             use_linear=self.use_linear_in_transformer,
             use_checkpoint=self.use_checkpoint,
+            norm_num_groups=self.norm_num_groups,
         )
 
     def has_attention(self, level: int, nr: int, ds: int) -> bool:
@@ -337,7 +344,7 @@ class UNetModel(nn.Module):
         self.input_blocks, self.middle_block, chans = build_encoder(cfg)
         self.output_blocks = self._build_decoder(cfg, chans)
         self.out = nn.Sequential(
-            normalization(model_channels),
+            normalization(model_channels, cfg.norm_num_groups),
             nn.SiLU(),
             zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
         )

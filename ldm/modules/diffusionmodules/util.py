@@ -87,9 +87,9 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def normalization(channels: int) -> nn.Module:
-    """The UNet's norm layer: 32 groups, eps 1e-5."""
-    return GroupNorm32(32, channels)
+def normalization(channels: int, num_groups: int = 32) -> nn.Module:
+    """The UNet's norm layer: ``num_groups`` groups (SD: 32), eps 1e-5."""
+    return GroupNorm32(num_groups, channels)
 
 
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:

@@ -1,0 +1,301 @@
+"""Train the built-in demo from scratch on the CPU: a tiny Stable-Diffusion-style model that draws colored
+circles, then a ControlNet on it that makes the circle follow an outline.
+
+    python tools/make_tiny_demo.py            # the shipped recipe (seeded; see README for its time)
+    python tools/make_tiny_demo.py --quick    # a few steps of every stage, to check the plumbing
+
+Stages, each writing into ``--work`` (default ``training/tiny_demo``):
+
+1. data: fill50k-style circles at 64 px whose prompts name the colors (train: seed 0, held-out: seed 1);
+2. vae: the config's ``AutoencoderKL`` trained as an autoencoder, made deterministic and scaled so its
+   latents have the spread SD's ``scale_factor`` expects;
+3. base: the config's base ``LatentDiffusion`` (UNet, the VAE, a frozen random CLIP-style text encoder)
+   trained on targets + prompts, 10% empty prompts; EMA weights -> ``tiny_sd.ckpt`` (SD layout);
+4. control: ``tool_add_control.py``, then ``tutorial_train.py`` with the base locked, as a user would;
+5. checks: the locked weights are bit-identical after training; IoU / color accuracy of the base, the
+   ControlNet at init (must equal the base) and every saved training step (``tools/measure_control.py``);
+6. ship: the last checkpoint as float16 to ``--ship`` (default ``models/control_tiny_circles.ckpt``), the
+   results JSON beside it and the IoU-vs-step plot to ``--plot``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RADIUS_RANGE = (0.16, 0.38)  # of the 64 px side: radius 10..24 px
+RESOLUTION = 64
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Optimizer steps, batch size and (peak) learning rate of one training stage."""
+
+    steps: int
+    batch: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes and steps of every stage (``quick``: a plumbing check that trains for a few steps)."""
+
+    n_train: int = 20000
+    n_heldout: int = 100
+    vae: Stage = Stage(steps=1000, batch=8, lr=1e-3)
+    base: Stage = Stage(steps=3000, batch=32, lr=8e-4)
+    base_empty_prompt_prob: float = 0.1
+    ema_decay: float = 0.999
+    control: Stage = Stage(steps=2000, batch=16, lr=1e-3)
+    control_ckpt_every: int = 500
+    curve_heldout: int = 50  # held-out conditions scored per saved step (the final model: all)
+    measure_ddim_steps: int = 20
+    measure_scale: float = 9.0
+
+    @classmethod
+    def quick(cls) -> Recipe:
+        return cls(n_train=64, n_heldout=8, vae=Stage(3, 4, 1e-3), base=Stage(3, 8, 8e-4), control=Stage(4, 4, 3e-4),
+                   control_ckpt_every=2, curve_heldout=4, measure_ddim_steps=2)  # fmt: skip
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def make_data(work: Path, recipe: Recipe) -> tuple[Path, Path]:
+    """Training and held-out folders (fill50k layout), made once."""
+    from cldm.pipeline import DEMO_COLORS
+    from tools.make_fill50k import make_fill50k
+
+    folders = []
+    for name, n, seed in (("train", recipe.n_train, 0), ("heldout", recipe.n_heldout, 1)):
+        folder = work / name
+        if not (folder / "prompt.json").is_file():
+            make_fill50k(folder, n, RESOLUTION, seed, colors=DEMO_COLORS, radius_range=RADIUS_RANGE)
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def load_targets(folder: Path) -> tuple[torch.Tensor, list[str]]:
+    """Targets [N, 3, H, W] in [-1, 1] and prompts of a fill50k-style folder."""
+    from cldm.data import read_prompt_lines, read_rgb
+
+    entries = read_prompt_lines(folder / "prompt.json")
+    images = np.stack([read_rgb(folder / e["target"]) for e in entries])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0, [e["prompt"] for e in entries]
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def train_autoencoder(vae: torch.nn.Module, images: torch.Tensor, recipe: Recipe, seed: int) -> float:
+    """Train ``vae`` (AutoencoderKL) on images [N, 3, H, W] with L1 + L2 on its posterior mean; returns the
+    final L1 (0..2 scale)."""
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    vae.train()
+    opt = torch.optim.Adam(vae.parameters(), lr=recipe.vae.lr)
+    l1 = torch.tensor(0.0)
+    bar = tqdm(range(recipe.vae.steps), desc="vae", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.vae.steps, recipe.vae.lr, warmup=30)
+        x = images[torch.randint(0, len(images), (recipe.vae.batch,), generator=gen)]
+        rec = vae.decode(vae.encode(x).mode())
+        l1 = (rec - x).abs().mean()
+        loss = l1 + (rec - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(l1=f"{l1.item():.4f}")
+    vae.eval()
+    return l1.item()
+
+
+@torch.no_grad()
+def calibrate_autoencoder(vae: torch.nn.Module, images: torch.Tensor, scale_factor: float) -> float:
+    """Make the posterior deterministic and its mean spread 1 / ``scale_factor`` (as SD's VAE latents),
+    by rescaling ``quant_conv``'s mean rows and ``post_quant_conv``'s inputs: decode(encode(x)) is
+    unchanged. Returns the rescaling factor."""
+    z_channels = vae.post_quant_conv.in_channels
+    means = torch.cat([vae.encode(images[i:i + 256]).mean for i in range(0, len(images), 256)])
+    factor = (1.0 / scale_factor) / float(means.std())
+    vae.quant_conv.weight[:z_channels] *= factor
+    vae.quant_conv.bias[:z_channels] *= factor
+    vae.quant_conv.weight[z_channels:] = 0.0
+    vae.quant_conv.bias[z_channels:] = -30.0  # log-variance: the posterior's std is e^-15
+    vae.post_quant_conv.weight /= factor
+    return factor
+
+
+def train_base(model: Any, images: torch.Tensor, prompts: list[str], recipe: Recipe, seed: int) -> dict:
+    """Train the base LatentDiffusion's UNet on (images, prompts) with the reference's loss; returns the EMA
+    weights of ``model.model``. Latents and text embeddings are computed once (the VAE and text encoder
+    are frozen)."""
+    import copy
+
+    from tqdm import tqdm
+
+    with torch.no_grad():
+        latents = torch.cat([model.get_first_stage_encoding(model.encode_first_stage(images[i:i + 256]))
+                             for i in range(0, len(images), 256)])  # fmt: skip
+        vocabulary = sorted(set(prompts)) + [""]
+        embeddings = model.get_learned_conditioning(vocabulary)
+    index = torch.tensor([vocabulary.index(p) for p in prompts])
+    empty = len(vocabulary) - 1
+    gen = torch.Generator().manual_seed(seed)
+    unet = model.model
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.base.lr, weight_decay=0.0)
+    model.train()
+    bar = tqdm(range(recipe.base.steps), desc="base", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.base.steps, recipe.base.lr, warmup=100)
+        rows = torch.randint(0, len(latents), (recipe.base.batch,), generator=gen)
+        text = index[rows].clone()
+        text[torch.rand(len(rows), generator=gen) < recipe.base_empty_prompt_prob] = empty
+        t = torch.randint(0, model.num_timesteps, (len(rows),), generator=gen)
+        noise = torch.randn(latents[rows].shape, generator=gen)
+        loss, _ = model.p_losses(latents[rows], {"c_crossattn": [embeddings[text]]}, t, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1.0 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    return ema.state_dict()
+
+
+def make_base(config: Path, work: Path, train: Path, recipe: Recipe, seed: int) -> Path:
+    """Stages 2 and 3: the trained VAE and base model as an SD-layout checkpoint ``work/tiny_sd.ckpt``."""
+    from cldm.model import create_model, save_checkpoint
+    from ldm.modules.diffusionmodules.util import set_activation_checkpointing
+
+    out = work / "tiny_sd.ckpt"
+    if out.is_file():
+        log(f"{out} exists, skipping the VAE and base model")
+        return out
+    torch.manual_seed(seed)
+    model = create_model(config, base=True)
+    set_activation_checkpointing(model, False)  # recomputing activations only saves memory we do not need
+    images, prompts = load_targets(train)
+    log(f"training the VAE ({recipe.vae.steps} steps) on {len(images)} images")
+    vae = model.first_stage_model
+    vae.requires_grad_(True)
+    l1 = train_autoencoder(vae, images, recipe, seed)
+    vae.requires_grad_(False)
+    factor = calibrate_autoencoder(vae, images, model.scale_factor)
+    log(f"VAE: final L1 {l1 * 127.5:.1f}/255, latents rescaled by {factor:.3f}")
+    log(f"training the base model ({recipe.base.steps} steps)")
+    model.model.load_state_dict(train_base(model, images, prompts, recipe, seed))
+    save_checkpoint(model.state_dict(), out)
+    log(f"wrote {out}")
+    return out
+
+
+def run(args: list[str]) -> None:
+    """Run a project script with this Python, as a user would; stop the recipe if it fails."""
+    log("$ python " + " ".join(args))
+    subprocess.run([sys.executable, *args], cwd=REPO, check=True)
+
+
+def train_control(config: Path, work: Path, base: Path, train: Path, recipe: Recipe, seed: int) -> tuple[Path, Path]:
+    """Stage 4: tool_add_control.py and tutorial_train.py; returns (initial checkpoint, checkpoint folder)."""
+    init = work / "control_ini.ckpt"
+    if not init.is_file():
+        run(["tool_add_control.py", str(base), str(init), "--config", str(config), "--seed", str(seed)])
+    ckpt_dir = work / "control_run" / "checkpoints"
+    run(["tutorial_train.py", "--config", str(config), "--init-ckpt", str(init), "--data", str(train),
+         "--batch-size", str(recipe.control.batch), "--lr", str(recipe.control.lr),
+         "--max-steps", str(recipe.control.steps), "--ckpt-every", str(recipe.control_ckpt_every),
+         "--logger-freq", str(recipe.control.steps), "--log-ddim-steps", str(recipe.measure_ddim_steps),
+         "--log-dir", str(work / "control_run"), "--seed", str(seed), "--no-activation-checkpointing",
+         *(["--resume", "last"] if (ckpt_dir / "last.ckpt").is_file() else [])])  # fmt: skip
+    return init, ckpt_dir
+
+
+def check_locked(init: Path, trained: Path) -> int:
+    """Number of locked (non-ControlNet) tensors, all bit-identical between ``init`` and ``trained``;
+    ``RuntimeError`` naming the first that changed."""
+    from cldm.model import load_state_dict
+
+    before, after = load_state_dict(init), load_state_dict(trained)
+    locked = [k for k in before if not k.startswith("control_model.")]
+    changed = [k for k in locked if not torch.equal(before[k], after[k])]
+    if changed:
+        raise RuntimeError(f"locked weights changed during ControlNet training: {changed[:3]}")
+    return len(locked)
+
+
+def ship(trained: Path, out: Path) -> None:
+    """Write the trained ControlLDM as float16 (schedule buffers stay float32)."""
+    from cldm.model import cast_weights, load_state_dict, save_checkpoint
+
+    save_checkpoint(cast_weights(load_state_dict(trained), torch.float16), out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(REPO / "models" / "cldm_tiny.yaml"), help="ControlLDM config")
+    p.add_argument("--work", default=str(REPO / "training" / "tiny_demo"), help="working folder (default: %(default)s)")
+    p.add_argument("--ship", default=str(REPO / "models" / "control_tiny_circles.ckpt"), help="demo checkpoint out")
+    p.add_argument("--plot", default=str(REPO / "docs" / "tiny_demo_iou.png"), help="IoU-vs-step plot out")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage (checks the plumbing, no quality)")
+    args = p.parse_args(argv)
+    recipe = Recipe.quick() if args.quick else Recipe()
+    config, work = Path(args.config), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.time()
+    log(f"data: {recipe.n_train} training and {recipe.n_heldout} held-out circles in {work}")
+    train, heldout = make_data(work, recipe)
+    base = make_base(config, work, train, recipe, args.seed)
+    init, ckpt_dir = train_control(config, work, base, train, recipe, args.seed)
+    trained = ckpt_dir / "last.ckpt"
+    log(f"locked weights bit-identical after training: {check_locked(init, trained)} tensors")
+    from tools.measure_control import load_conditions, measure, plot_curve
+
+    conditions = load_conditions(heldout)
+    results = measure(config, conditions, base=str(base), ckpts=(str(init), str(trained)),
+                      steps=recipe.measure_ddim_steps, scale=recipe.measure_scale)  # fmt: skip
+    results["curve"] = measure(config, conditions[:recipe.curve_heldout], curve=str(ckpt_dir),
+                               steps=recipe.measure_ddim_steps, scale=recipe.measure_scale)["curve"]  # fmt: skip
+    results["curve_n"] = recipe.curve_heldout
+    if results["controlnet"][0]["max_abs_diff_to_base"] != 0:
+        raise RuntimeError("the ControlNet at init does not reproduce the base model exactly")
+    ship(trained, Path(args.ship))
+    Path(args.ship).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot_curve([(e["step"], e["iou"]) for e in results["curve"]], args.plot, "tiny ControlNet: held-out IoU vs step")
+    log(f"done in {(time.time() - start) / 60:.1f} min: {args.ship}, {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
