@@ -107,7 +107,7 @@ def describe_demo() -> str:
     return (
         f"The tiny demo ({_shown(DEMO_CKPT)}) is a 64 px model trained on this CPU from scratch ({DEMO_RECIPE}): "
         "it draws a circle in the colors the prompt names "
-        f"('<color> circle with <color> background'; colors: {', '.join(DEMO_COLORS)}). Its ControlNet does "
+        f"(\"COLOR circle with COLOR background\", colors: {', '.join(DEMO_COLORS)}). Its ControlNet does "
         "not follow the input's outline yet (see the README)."
     )
 
