@@ -93,20 +93,23 @@ def demo_params(**overrides: object) -> CannyParams:
 def demo_checkpoint(path: Path = DEMO_CKPT) -> Path:
     """The shipped demo checkpoint; ``CheckpointError`` saying how to get it back when it is missing."""
     if not path.is_file():
-        raise CheckpointError(f"{_shown(path)}: demo checkpoint not found; restore it with "
-                              f"'git checkout -- {_shown(path)}' or retrain it with '{DEMO_RECIPE}'")  # fmt: skip
+        shown = repo_relative(path)
+        raise CheckpointError(f"{shown}: demo checkpoint not found; restore it with 'git checkout -- {shown}' "
+                              f"or retrain it with '{DEMO_RECIPE}'")  # fmt: skip
     return path
 
 
-def _shown(path: Path) -> Path:
+def repo_relative(path: str | Path) -> Path:
+    """``path`` relative to the repository when inside it, for messages and machine-independent records."""
+    path = Path(path).resolve()
     return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 def describe_demo() -> str:
     """One sentence on what the demo model is and what it can draw."""
     return (
-        f"The tiny demo ({_shown(DEMO_CKPT)}) is a 64 px model trained on this CPU from scratch ({DEMO_RECIPE}): "
-        "it draws a circle in the colors the prompt names "
+        f"The tiny demo ({repo_relative(DEMO_CKPT)}) is a 64 px model trained on this CPU from scratch "
+        f"({DEMO_RECIPE}): it draws a circle in the colors the prompt names "
         f"(\"COLOR circle with COLOR background\", colors: {', '.join(DEMO_COLORS)}). Its ControlNet does "
         "not follow the input's outline yet (see the README)."
     )
@@ -115,7 +118,7 @@ def describe_demo() -> str:
 def missing_checkpoint_message(ckpt: Path) -> str:
     """What is missing, where to get it, and what runs instead."""
     return (
-        f"{_shown(ckpt)} not found: this needs the ControlNet canny checkpoint (5.7 GB). Download "
+        f"{repo_relative(ckpt)} not found: this needs the ControlNet canny checkpoint (5.7 GB). Download "
         f"control_sd15_canny.pth from {CKPT_URL} into models/. Until then the tiny demo runs instead; "
         f"ask for it explicitly with --demo. {describe_demo()}"
     )

@@ -272,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe.quick() if args.quick else Recipe()
     config, work = Path(args.config), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.time()
     log(f"data: {recipe.n_train} training and {recipe.n_heldout} held-out circles in {work}")
     train, heldout = make_data(work, recipe)

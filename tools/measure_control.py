@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cldm.pipeline import DEMO_COLORS  # noqa: E402
+from cldm.pipeline import DEMO_COLORS, repo_relative  # noqa: E402
 from tools.make_fill50k import COLORS  # noqa: E402
 
 PROMPT = re.compile(r"^(?P<circle>.+) circle with (?P<background>.+) background$")
@@ -183,35 +183,31 @@ def measure(
     """Score the base model and each ControlNet checkpoint; returns the JSON-ready results."""
     from cldm.model import load_model
 
+    def run(path: str | Path, control: bool) -> tuple[np.ndarray, dict]:
+        model = load_model(config, path, base=not control)
+        images = generate(model, conditions, control=control, steps=steps, scale=scale, seed=seed)
+        return images, summary(score(images, conditions))
+
     results: dict[str, Any] = {"n": len(conditions), "ddim_steps": steps, "scale": scale, "seed": seed}
     base_images = None
     if base is not None:
-        model = load_model(config, base, base=True)
-        base_images = generate(model, conditions, control=False, steps=steps, scale=scale, seed=seed)
-        results["base"] = {"ckpt": shown(base), **summary(score(base_images, conditions))}
+        base_images, scores = run(base, control=False)
+        results["base"] = {"ckpt": str(repo_relative(base)), **scores}
         report("base", results["base"], progress)
     for ckpt in ckpts:
-        images = generate(load_model(config, ckpt), conditions, control=True, steps=steps, scale=scale, seed=seed)
-        entry = {"ckpt": shown(ckpt), **summary(score(images, conditions))}
+        images, scores = run(ckpt, control=True)
+        entry = {"ckpt": str(repo_relative(ckpt)), **scores}
         if base_images is not None:
             entry["max_abs_diff_to_base"] = int(np.abs(images.astype(np.int16) - base_images).max())
         results.setdefault("controlnet", []).append(entry)
         report(Path(ckpt).name, entry, progress)
     if curve is not None:
-        points = []
+        results["curve"] = []
         for step, path in curve_checkpoints(curve):
-            images = generate(load_model(config, path), conditions, control=True, steps=steps, scale=scale, seed=seed)
-            entry = {"step": step, **summary(score(images, conditions))}
-            points.append(entry)
+            entry = {"step": step, **run(path, control=True)[1]}
+            results["curve"].append(entry)
             report(f"step {step}", entry, progress)
-        results["curve"] = points
     return results
-
-
-def shown(path: str | Path) -> str:
-    """``path`` relative to the repository when inside it (results JSON stays machine-independent)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def summary(scores: dict) -> dict:
