@@ -6,7 +6,8 @@
 Every key of the ControlLDM is taken from the SD checkpoint; the ControlNet's encoder copy
 (``control_model.X``) is taken from the UNet's ``model.diffusion_model.X``. What the SD checkpoint
 does not have (the hint encoder, the zero convolutions) keeps its fresh initialisation: random
-hint convs, zero convs at exactly zero.
+hint convs, zero convs at exactly zero. ``--hint-init kaiming`` draws the hint convs so that the hint keeps
+its scale through them (see ``cldm.cldm.kaiming_init_hint_encoder``); the default is the reference's init.
 """
 
 from __future__ import annotations
@@ -55,11 +56,16 @@ def summarize(keys: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
+    from cldm.cldm import HINT_INITS, kaiming_init_hint_encoder
+
     parser = argparse.ArgumentParser(description="SD checkpoint -> initial ControlNet checkpoint.")
     parser.add_argument("input_path", help="Stable Diffusion checkpoint (.ckpt/.pth/.safetensors, ldm layout)")
     parser.add_argument("output_path", help="ControlNet checkpoint to write (must not exist)")
     parser.add_argument("--config", default=str(REPO / "models" / "cldm_v15.yaml"), help="ControlLDM config")
     parser.add_argument("--seed", type=int, default=0, help="seed for the fresh hint-encoder weights")
+    parser.add_argument("--hint-init", choices=HINT_INITS, default="reference",
+                        help="hint-encoder init: the reference's (PyTorch default) or kaiming (scale-keeping; "
+                             "control is learnt in far fewer steps)")  # fmt: skip
     args = parser.parse_args(argv)
 
     from cldm.model import CheckpointError, create_model, load_state_dict, save_checkpoint
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         pretrained = load_state_dict(args.input_path)
         torch.manual_seed(args.seed)
         model = create_model(args.config)
+        if args.hint_init == "kaiming":
+            kaiming_init_hint_encoder(model.control_model)
         target, new = add_control(model.state_dict(), pretrained)
         copied = [k for k in target if k.startswith("control_model.") and k not in new]
         if not copied:

@@ -140,6 +140,26 @@ class ControlNet(nn.Module):
         return outs
 
 
+HINT_INITS = ("reference", "kaiming")
+
+
+def kaiming_init_hint_encoder(control: ControlNet, generator: torch.Generator | None = None) -> int:
+    """Re-draw the 7 inner convs of ``control.input_hint_block`` with He-normal weights (fan-in, ReLU gain)
+    and zero biases; its last (zero) conv stays zero. Returns the number of convs re-drawn.
+
+    With the reference's init (PyTorch's default) each conv + SiLU shrinks the signal about 3.5x, so a hint
+    reaches the zero conv ~1e-4 as strong as it entered, and the gradients that could teach the hint path
+    are mostly noise until its weights have grown (the long wait before "sudden convergence"). With this
+    init the hint keeps its scale through the encoder. Keys and shapes are unchanged.
+    """
+    convs = [m for m in control.input_hint_block if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))][:-1]
+    with torch.no_grad():
+        for conv in convs:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu", generator=generator)
+            nn.init.zeros_(conv.bias)
+    return len(convs)
+
+
 class ControlLDM(LatentDiffusion):
     """Latent diffusion with a ControlNet branch.
 

@@ -110,8 +110,8 @@ def describe_demo() -> str:
     return (
         f"The tiny demo ({repo_relative(DEMO_CKPT)}) is a 64 px model trained on this CPU from scratch "
         f"({DEMO_RECIPE}): it draws a circle in the colors the prompt names "
-        f"(\"COLOR circle with COLOR background\", colors: {', '.join(DEMO_COLORS)}). Its ControlNet does "
-        "not follow the input's outline yet (see the README)."
+        f"(\"COLOR circle with COLOR background\", colors: {', '.join(DEMO_COLORS)}) where the input's "
+        "circle outline is (how closely: see the README)."
     )
 
 

@@ -86,6 +86,36 @@ def test_add_control_copies_the_encoder_and_zeroes_the_zero_convs(base_ckpt: Pat
 
 
 @torch.no_grad()
+def test_kaiming_hint_init_keeps_the_hint_signal(base_ckpt: Path, ini_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kaiming_ini.ckpt"
+    args = [str(base_ckpt), str(out), "--config", str(TINY_CONFIG), "--hint-init", "kaiming"]
+    assert tool_add_control.main(args) == 0
+    ini, kaiming = load_state_dict(ini_ckpt), load_state_dict(out)
+    hint_keys = [k for k in kaiming if k.startswith("control_model.input_hint_block.")]
+    assert len(hint_keys) == 16  # 8 convs, the same keys and shapes as the reference init
+    assert all(kaiming[k].shape == ini[k].shape for k in hint_keys)
+    assert not kaiming["control_model.input_hint_block.14.weight"].any()  # the last conv is still zero
+    assert all(not kaiming[f"control_model.input_hint_block.{2 * i}.bias"].any() for i in range(7))
+    assert all(torch.equal(kaiming[k], ini[k]) for k in kaiming if not k.startswith("control_model.input_hint"))
+
+    outline = torch.zeros(4, 3, 64, 64)
+    for i, r in enumerate((8, 12, 16, 20)):
+        ys, xs = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+        outline[i, :, ((xs - 32) ** 2 + (ys - 32) ** 2 - r * r).abs() < r] = 1.0
+
+    def varying_signal(state: dict[str, torch.Tensor]) -> float:
+        model = create_model(TINY_CONFIG)
+        model.load_state_dict(state)
+        features = outline
+        for layer in list(model.control_model.input_hint_block)[:-1]:
+            features = layer(features)
+        return (features - features.mean(0)).std().item()  # the part that tells the hints apart
+
+    ratio = varying_signal(kaiming) / varying_signal(ini)
+    assert ratio > 100, ratio
+
+
+@torch.no_grad()
 def test_first_prediction_equals_the_base_unet(ini_ckpt: Path) -> None:
     model = create_model(TINY_CONFIG).eval()
     model.load_state_dict(load_state_dict(ini_ckpt))

@@ -117,7 +117,7 @@ def generate(
     sampler = DDIMSampler(model)
     out = []
     for start in range(0, len(conditions), batch_size):
-        chunk = conditions[start:start + batch_size]
+        chunk = conditions[start : start + batch_size]
         n = len(chunk)
         height, width = chunk[0].hint.shape[:2]
         shape = (model.channels, height // 8, width // 8)
@@ -178,9 +178,12 @@ def plot_curve(points: list[tuple[int, float]], path: str | Path, title: str = "
 
 def measure(
     config: str | Path, conditions: list[Condition], base: str | None = None, ckpts: tuple[str, ...] = (),
-    curve: str | None = None, steps: int = 20, scale: float = 9.0, seed: int = 0, progress: bool = True,
+    curve: str | None = None, curve_init: str | None = None, steps: int = 20, scale: float = 9.0, seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """Score the base model and each ControlNet checkpoint; returns the JSON-ready results."""
+    """Score the base model and each ControlNet checkpoint; returns the JSON-ready results. ``curve``: a
+    folder of ``step=N.ckpt`` files, scored in step order, after ``curve_init`` (the ControlNet at init) as
+    step 0 when given."""
     from cldm.model import load_model
 
     def run(path: str | Path, control: bool) -> tuple[np.ndarray, dict]:
@@ -203,7 +206,10 @@ def measure(
         report(Path(ckpt).name, entry, progress)
     if curve is not None:
         results["curve"] = []
-        for step, path in curve_checkpoints(curve):
+        points = curve_checkpoints(curve)
+        if curve_init is not None:
+            points.insert(0, (0, Path(curve_init)))
+        for step, path in points:
             entry = {"step": step, **run(path, control=True)[1]}
             results["curve"].append(entry)
             report(f"step {step}", entry, progress)
@@ -228,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None, help="base model checkpoint (SD layout) to score alone")
     p.add_argument("--ckpt", action="append", default=[], help="ControlNet checkpoint to score (repeatable)")
     p.add_argument("--curve", default=None, metavar="DIR", help="score every step=N.ckpt in DIR (IoU vs step)")
+    p.add_argument("--curve-init", default=None, metavar="CKPT", help="ControlNet at init: step 0 of --curve")
     p.add_argument("--plot", default=None, help="write the IoU-vs-step plot of --curve here (PNG)")
     p.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
     p.add_argument("--scale", type=float, default=9.0, help="guidance scale (default: %(default)s)")
@@ -239,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.n < 1 or args.ddim_steps < 1:
             raise ValueError("--n and --ddim-steps must be at least 1")
-        if args.plot and not args.curve:
-            raise ValueError("--plot needs --curve")
+        if (args.plot or args.curve_init) and not args.curve:
+            raise ValueError("--plot and --curve-init need --curve")
         if args.curve and not curve_checkpoints(args.curve):
             raise ValueError(f"{args.curve}: no step=N.ckpt checkpoints found")
         conditions = load_conditions(args.data, args.n)
-        results = measure(args.config, conditions, args.base, tuple(args.ckpt), args.curve, args.ddim_steps,
-                          args.scale, args.seed)  # fmt: skip
+        results = measure(args.config, conditions, args.base, tuple(args.ckpt), curve=args.curve,
+                          curve_init=args.curve_init, steps=args.ddim_steps, scale=args.scale,
+                          seed=args.seed)  # fmt: skip
     except (ValueError, OSError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
