@@ -69,6 +69,11 @@ class CannyParams:
         "high_threshold": (1, 255),
     }
 
+    def full_prompt(self) -> str:
+        """``"prompt, a_prompt"`` as the reference builds it; without an added prompt, just the prompt (the
+        reference would leave a trailing ", ", which the tiny demo's text encoder never saw in training)."""
+        return f"{self.prompt}, {self.a_prompt}" if self.a_prompt else self.prompt
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first out-of-range parameter."""
         for name, (lo, hi) in self.RANGES.items():
@@ -110,7 +115,7 @@ def describe_demo() -> str:
     return (
         f"The tiny demo ({repo_relative(DEMO_CKPT)}) is a 64 px model trained on this CPU from scratch "
         f"({DEMO_RECIPE}): it draws a circle in the colors the prompt names "
-        f"(\"COLOR circle with COLOR background\", colors: {', '.join(DEMO_COLORS)}) where the input's "
+        f'("COLOR circle with COLOR background", colors: {", ".join(DEMO_COLORS)}) where the input\'s '
         "circle outline is (how closely: see the README)."
     )
 
@@ -202,7 +207,7 @@ class Canny2Image:
         seed = random.randint(0, 65535) if params.seed == -1 else params.seed
         seed_everything(seed)
         model = self.model
-        cond = {"c_concat": [control], "c_crossattn": [model.get_learned_conditioning([params.prompt + ", " + params.a_prompt] * n)]}  # noqa: E501
+        cond = {"c_concat": [control], "c_crossattn": [model.get_learned_conditioning([params.full_prompt()] * n)]}
         un_cond = {
             "c_concat": None if params.guess_mode else [control],
             "c_crossattn": [model.get_learned_conditioning([params.n_prompt] * n)],

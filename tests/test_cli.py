@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 
 import cpu_canny2image
-from cldm.pipeline import DEFAULT_CKPT
+from cldm.pipeline import DEFAULT_CKPT, DEMO_COLORS, CannyParams
 from tests.conftest import REPO, TINY_CONFIG, with_flags
+from tools.make_fill50k import COLORS
+from tools.measure_control import nearest_color, segment
 
 
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
@@ -110,3 +112,19 @@ def test_missing_real_checkpoint_falls_back_to_the_trained_demo(tmp_path: Path) 
     with Image.open(tmp_path / "disc_1_0.png") as sample, Image.open(tmp_path / "disc_edges.png") as edges:
         assert sample.size == edges.size == (64, 64)
         assert (np.array(edges) < 128).sum() > 50  # the disc's outline was found (black edges on white)
+        image, outline = np.array(sample.convert("RGB")), np.argwhere(np.array(edges.convert("L")) < 128)
+    # the demo draws the prompt's colors where the outline is: the disc filling the edges, in red on blue
+    center = outline.mean(axis=0)
+    radius = np.linalg.norm(outline - center, axis=1).mean()
+    disc = np.linalg.norm(np.indices((64, 64)).transpose(1, 2, 0) - center, axis=-1) <= radius
+    red = segment(image, COLORS["red"], COLORS["blue"])
+    assert (red & disc).sum() / (red | disc).sum() > 0.6
+    assert nearest_color(image[disc].mean(axis=0), DEMO_COLORS) == "red"
+    assert nearest_color(image[~disc].mean(axis=0), DEMO_COLORS) == "blue"
+
+
+def test_added_prompt_joins_as_the_reference_and_is_left_out_when_empty() -> None:
+    assert CannyParams(prompt="a cat", a_prompt="best quality").full_prompt() == "a cat, best quality"
+    assert CannyParams(prompt="red circle with blue background", a_prompt="").full_prompt() == (
+        "red circle with blue background"
+    )
