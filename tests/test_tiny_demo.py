@@ -18,6 +18,7 @@ from tools.make_fill50k import COLORS, make_fill50k, make_sample, sample_rng
 from tools.make_tiny_demo import RADIUS_RANGE, calibrate_autoencoder
 from tools.make_tiny_demo import main as recipe_main
 from tools.measure_control import generate, load_conditions, plot_curve, score, segment
+from tools.measure_control import main as measure_main
 
 
 def group_counts(model: torch.nn.Module) -> set[int]:
@@ -126,3 +127,16 @@ def test_shipped_demo_matches_its_recorded_measurement(tmp_path: Path) -> None:
     assert abs(result["iou"] - trained["iou"]) < 0.15
     assert abs(result["color_accuracy"] - trained["color_accuracy"]) < 0.3
     assert recorded["base"]["iou"] <= 0.3 and result["iou"] > recorded["base"]["iou"] + 0.3  # it follows the outline
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--plot", "x.png"], "need --curve"), (["--curve-init", "ini.ckpt"], "need --curve"),
+     (["--curve", "{tmp}"], "no step=N.ckpt checkpoints found"), (["--n", "0"], "at least 1")],
+)  # fmt: skip
+def test_measure_control_flag_errors(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert measure_main(["--data", str(tmp_path), *(a.format(tmp=tmp_path) for a in extra)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
