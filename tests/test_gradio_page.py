@@ -18,7 +18,7 @@ import torch
 gr = pytest.importorskip("gradio")
 
 import gradio_canny2image  # noqa: E402
-from cldm.pipeline import DEFAULT_CKPT, DEMO_PROMPT, Canny2Image  # noqa: E402
+from cldm.pipeline import DEFAULT_CKPT, DEMO_IMAGE, DEMO_PROMPT, Canny2Image  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -177,13 +177,12 @@ def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
             page.locator(".toast-close").first.click()
             expect(error).to_be_hidden()
 
-            page.locator("input[type=file]").first.set_input_files(str(IMAGE))
-            page.get_by_label("Prompt", exact=True).fill("an astronaut")
+            page.locator("input[type=file]").first.set_input_files(str(DEMO_IMAGE))  # the demo's own circle again
             page.get_by_text("Advanced options").click()
             expect(page.get_by_label("number input for Images")).to_be_visible()
             set_number(page, "Images", 2)
-            set_number(page, "Image Resolution", 256)
-            set_number(page, "Steps", 8)
+            set_number(page, "Image Resolution", 64)
+            set_number(page, "Steps", 60)  # long enough at 64 px for the progress bar to be seen
             page.get_by_role("button", name="Run").click()
             expect(page.get_by_text("DDIM sampling").first).to_be_visible(timeout=60_000)  # the progress bar
 
@@ -191,7 +190,7 @@ def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
             expect(images).to_have_count(3, timeout=180_000)  # the server survived the error, then answered
             page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].every(i => i.complete)")
             sizes = images.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
-            assert sizes == [[256, 256]] * 3
+            assert sizes == [[64, 64]] * 3
             shot = tmp_path / "gradio_canny2image.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
