@@ -143,9 +143,10 @@ class ControlNet(nn.Module):
 HINT_INITS = ("reference", "kaiming")
 
 
-def kaiming_init_hint_encoder(control: ControlNet, generator: torch.Generator | None = None) -> int:
+def kaiming_init_hint_encoder(control: ControlNet) -> int:
     """Re-draw the 7 inner convs of ``control.input_hint_block`` with He-normal weights (fan-in, ReLU gain)
-    and zero biases; its last (zero) conv stays zero. Returns the number of convs re-drawn.
+    and zero biases (from the global RNG, as model construction); its last (zero) conv stays zero. Returns the
+    number of convs re-drawn.
 
     With the reference's init (PyTorch's default) each conv + SiLU shrinks the signal about 3.5x, so a hint
     reaches the zero conv ~1e-4 as strong as it entered, and the gradients that could teach the hint path
@@ -155,7 +156,7 @@ def kaiming_init_hint_encoder(control: ControlNet, generator: torch.Generator | 
     convs = [m for m in control.input_hint_block if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))][:-1]
     with torch.no_grad():
         for conv in convs:
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu", generator=generator)
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
             nn.init.zeros_(conv.bias)
     return len(convs)
 

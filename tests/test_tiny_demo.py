@@ -108,6 +108,8 @@ def test_quick_recipe_runs_every_stage(tmp_path: Path) -> None:
     assert shipped["model.diffusion_model.out.2.weight"].dtype == torch.float16
     trained = load_state_dict(tmp_path / "work" / "control_run" / "checkpoints" / "last.ckpt")
     base = load_state_dict(tmp_path / "work" / "tiny_sd.ckpt")
+    init = load_state_dict(tmp_path / "work" / "control_ini.ckpt")
+    assert not init["control_model.input_hint_block.0.bias"].any()  # the recipe's --hint-init kaiming
     for key, value in base.items():  # the locked base is bit-identical in the trained ControlNet
         assert torch.equal(trained[key], value), key
 

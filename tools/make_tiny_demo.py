@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,8 @@ def timed(work: Path, stage: str, resumable: bool = False) -> Iterator[None]:
     yield
     path = work / "minutes.json"
     minutes = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    minutes[stage] = round(minutes.get(stage, 0.0) * resumable + (time.time() - start) / 60, 2)
+    before = minutes.get(stage, 0.0) if resumable else 0.0
+    minutes[stage] = round(before + (time.time() - start) / 60, 2)
     path.write_text(json.dumps(minutes, indent=2) + "\n", encoding="utf-8")
 
 
@@ -283,6 +284,8 @@ def ship(trained: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cldm.cldm import HINT_INITS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO / "models" / "cldm_tiny.yaml"), help="ControlLDM config")
     p.add_argument("--work", default=str(REPO / "training" / "tiny_demo"), help="working folder (default: %(default)s)")
@@ -290,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=str(REPO / "docs" / "tiny_demo_iou.png"), help="IoU-vs-step plot out")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (checks the plumbing, no quality)")
+    p.add_argument("--hint-init", choices=HINT_INITS, default=Recipe.control_hint_init,
+                   help="tool_add_control.py --hint-init (default: %(default)s)")  # fmt: skip
     args = p.parse_args(argv)
-    recipe = Recipe.quick() if args.quick else Recipe()
+    recipe = replace(Recipe.quick() if args.quick else Recipe(), control_hint_init=args.hint_init)
     config, work = Path(args.config), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
