@@ -112,7 +112,33 @@ def count_flops(step: Any) -> int:
     return counter.get_total_flops()
 
 
-def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int) -> dict:
+def kernel_breakdown(step: Any) -> list[dict]:
+    """Where one call of ``step`` spends its time: per FLOP-counted aten op (convolution, mm, attention, ...)
+    its calls, seconds (profiler time including its own callees), share of the call's wall time, TFLOP and
+    GFLOP/s; then ``other`` (everything without FLOPs: norms, activations, copies, Python). Largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = _timed(step)
+    events = {e.key.removeprefix("aten::"): e for e in prof.key_averages() if e.key.startswith("aten::")}
+    rows = []
+    for op, n in flops.items():
+        event = events.get(op)
+        seconds = event.cpu_time_total / 1e6 if event is not None else float("nan")
+        calls = event.count if event is not None else 0
+        rows.append({"kernel": op, "calls": calls, "seconds": seconds, "share": seconds / wall, "tflop": n / 1e12,
+                     "gflops": n / seconds / 1e9 if seconds > 0 else float("nan")})  # fmt: skip
+    rows.sort(key=lambda r: -r["seconds"] if r["seconds"] == r["seconds"] else 0.0)
+    other = wall - sum(r["seconds"] for r in rows if r["seconds"] == r["seconds"])
+    rows.append({"kernel": "other", "calls": 0, "seconds": other, "share": other / wall, "tflop": 0.0, "gflops": 0.0})
+    return rows
+
+
+def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: bool = False) -> dict:
     import torch
 
     from cldm.inference import use_path
@@ -137,13 +163,15 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int) -> dict:
     t = torch.full((1,), 501, dtype=torch.long)
     with torch.no_grad():
         prepared = (model.prepare_conditioning(cond), model.prepare_conditioning(uncond))
-        result["flops_per_step"] = count_flops(lambda: sampler.predict_eps(inputs["x_T"], prepared[0], t, SCALE,
-                                                                           prepared[1]))  # fmt: skip
+        one_step = lambda: sampler.predict_eps(inputs["x_T"], prepared[0], t, SCALE, prepared[1])  # noqa: E731
+        result["flops_per_step"] = count_flops(one_step)
+        if profile:
+            result["kernels"] = kernel_breakdown(one_step)
     result["image"] = image
     return result
 
 
-def run_diffusers(ckpt: Path, inputs: dict, steps: int) -> dict:
+def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -> dict:
     import torch
     from diffusers import DDIMScheduler
     from omegaconf import OmegaConf
@@ -183,6 +211,8 @@ def run_diffusers(ckpt: Path, inputs: dict, steps: int) -> dict:
     result["step_s"] = _step_times(start, stamps)
     with torch.no_grad():
         result["flops_per_step"] = count_flops(lambda: eps(inputs["x_T"], torch.tensor(501)))
+        if profile:
+            result["kernels"] = kernel_breakdown(lambda: eps(inputs["x_T"], torch.tensor(501)))
     result["image"] = image
     return result
 
@@ -199,9 +229,9 @@ def worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     inputs = torch.load(args.inputs, weights_only=True)
     if args.worker == "diffusers":
-        result = run_diffusers(args.ckpt, inputs, args.steps)
+        result = run_diffusers(args.ckpt, inputs, args.steps, args.profile)
     else:
-        result = run_project(args.worker, args.ckpt, inputs, args.steps)
+        result = run_project(args.worker, args.ckpt, inputs, args.steps, args.profile)
     result["peak_rss_gb"] = peak_rss_gb()
     image = ((result.pop("image")[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     torch.save({"result": result, "image": image}, args.worker_out)
@@ -212,7 +242,8 @@ def run_worker(path: str, args: argparse.Namespace, inputs: Path, tmp: Path) -> 
     out = tmp / f"{path}.pt"
     ckpt = args.low_memory_ckpt if path == "low-memory" else args.ckpt
     cmd = [sys.executable, __file__, "--worker", path, "--worker-out", str(out), "--inputs", str(inputs),
-           "--ckpt", str(ckpt), "--steps", str(args.steps), "--threads", str(args.threads or 0)]  # fmt: skip
+           "--ckpt", str(ckpt), "--steps", str(args.steps), "--threads", str(args.threads or 0),
+           *(["--profile"] if args.profile else [])]  # fmt: skip
     print(f"running {path} ...", file=sys.stderr)
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode != 0:
@@ -232,6 +263,8 @@ def summarize(name: str, data: dict, gemm: float, base_image: Any) -> dict:
     row["max_abs_diff_vs_fast"] = (
         None if base_image is None else (data["image"].int() - base_image.int()).abs().max().item()
     )
+    if "kernels" in r:
+        row["kernels"] = [{**k, "gemm_fraction": k["gflops"] / gemm} for k in r["kernels"]]
     return row
 
 
@@ -249,6 +282,18 @@ def print_table(rows: list[dict], meta: dict) -> None:
               f"{diff:>8}")  # fmt: skip
 
 
+def print_kernels(rows: list[dict]) -> None:
+    """One profiled CFG step per path, by kernel (``--profile``)."""
+    for row in rows:
+        if "kernels" not in row:
+            continue
+        print(f"\n{row['path']}: one CFG step by kernel (profiled, so a little slower than the table)")
+        print(f"{'kernel':<46} {'calls':>5} {'s':>6} {'share':>6} {'TFLOP':>6} {'GFLOP/s':>7} {'of GEMM':>7}")
+        for k in row["kernels"]:
+            rate = "" if k["kernel"] == "other" else f"{k['gflops']:7.1f} {k['gemm_fraction']:7.0%}"
+            print(f"{k['kernel']:<46} {k['calls']:5d} {k['seconds']:6.2f} {k['share']:6.0%} {k['tflop']:6.3f} {rate}")
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -261,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="bfloat16 copy of --ckpt for the low-memory path (default: made next to it)")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="random full-size checkpoint (made if missing)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results.json", help="where to write the table")
+    p.add_argument("--profile", action="store_true", help="also profile one CFG step per path, by kernel")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
@@ -301,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"resolution": args.resolution, "steps": args.steps, "threads": args.threads or torch.get_num_threads(),
             "gemm_gflops": gemm, "ckpt_gb": args.ckpt.stat().st_size / 1e9, "torch": torch.__version__}  # fmt: skip
     print_table(rows, meta)
+    print_kernels(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {args.json}")

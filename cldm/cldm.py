@@ -21,7 +21,7 @@ from ldm.modules.diffusionmodules.openaimodel import (
     build_encoder,
     embed_time,
 )
-from ldm.modules.diffusionmodules.util import conv_nd, zero_module
+from ldm.modules.diffusionmodules.util import conv_nd, match_batch, zero_module
 from ldm.util import instantiate_from_config
 
 GUESS_MODE_DECAY = 0.825
@@ -58,12 +58,14 @@ class ControlledUnetModel(UNetModel):
                 hs.append(h)
             h = self.middle_block(h, emb, context)
         if control is not None:
-            h = h + control.pop()
+            h, mid = match_batch(h, control.pop())
+            h = h + mid
         for module in self.output_blocks:
             skip = hs.pop()
             if control is not None and not only_mid_control:
-                skip = skip + control.pop()
-            h = module(torch.cat([h, skip], dim=1), emb, context)
+                skip, residual = match_batch(skip, control.pop())
+                skip = skip + residual
+            h = module(torch.cat(match_batch(h, skip), dim=1), emb, context)
         return self.out(h.type(x.dtype))
 
 
@@ -133,7 +135,8 @@ class ControlNet(nn.Module):
         for i, (module, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = module(h, emb, context)
             if i == 0:
-                h = h + guided_hint
+                h, guided = match_batch(h, guided_hint)
+                h = h + guided
             outs.append(zero_conv(h, emb, context))
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h, emb, context))

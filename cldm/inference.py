@@ -1,7 +1,8 @@
 """Inference paths: the project's fast default and the reference's schedule of work, as switches of one code.
 
 ``fast``: SDPA attention (the CPU flash kernel), the ControlNet hint encoded once per run, the
-conditional and unconditional passes batched, and the VAE decoder's activations in channels-last layout
+conditional and unconditional passes batched with the work before the first cross-attention done once
+for both, and the VAE decoder's activations in channels-last layout
 (NCHW makes oneDNN copy full-resolution activations; the weights stay as mapped).
 ``channels_last`` for the whole model is a further switch (no faster for the UNet on the 2-core AVX2
 machine, and converting memory-mapped weights costs RAM).
@@ -25,13 +26,14 @@ class InferencePath:
     attention: str = "sdpa"
     reuse_hint: bool = True
     batch_cfg: bool = True
+    share_prefix: bool = True
     channels_last: bool = False
     vae_channels_last: bool = False
 
 
 PATHS = {
     "fast": InferencePath(vae_channels_last=True),
-    "reference": InferencePath(attention="math", reuse_hint=False, batch_cfg=False),
+    "reference": InferencePath(attention="math", reuse_hint=False, batch_cfg=False, share_prefix=False),
 }
 
 
@@ -44,4 +46,4 @@ def use_path(model: torch.nn.Module, path: InferencePath | str) -> DDIMSampler:
     set_attention_backend(model, path.attention)
     model.to(memory_format=torch.channels_last if path.channels_last else torch.contiguous_format)
     model.decode_channels_last = path.vae_channels_last
-    return DDIMSampler(model, reuse_hint=path.reuse_hint, batch_cfg=path.batch_cfg)
+    return DDIMSampler(model, reuse_hint=path.reuse_hint, batch_cfg=path.batch_cfg, share_prefix=path.share_prefix)

@@ -110,3 +110,64 @@ def test_low_memory_mode_loads_and_samples(tiny_ckpt, tmp_path) -> None:
     assert low.alphas_cumprod.dtype == torch.float32 and torch.equal(low.alphas_cumprod, full.alphas_cumprod)
     assert low.alphas_cumprod[0] < 1  # the schedule was kept in float32
     assert diff.max() <= 1  # float32 compute: only the storage differs (the benchmark reports bf16 vs fp32 weights)
+
+
+def test_benchmark_kernel_breakdown_counts_a_matmul() -> None:
+    """``bench_canny2image.py --profile``: FLOPs and time per kernel, the rest as ``other``."""
+    from benchmarks.bench_canny2image import kernel_breakdown
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    rows = kernel_breakdown(lambda: torch.relu(torch.mm(a, b)))
+    by_name = {r["kernel"]: r for r in rows}
+    assert set(by_name) == {"mm", "other"} and rows[-1]["kernel"] == "other"
+    assert by_name["mm"]["tflop"] == pytest.approx(2 * 256**3 / 1e12)
+    assert by_name["mm"]["calls"] == 1 and by_name["mm"]["seconds"] > 0 and by_name["mm"]["gflops"] > 0
+    assert 0 < by_name["mm"]["share"] <= 1.0
+    mm, other = by_name["mm"], by_name["other"]
+    assert mm["seconds"] + other["seconds"] == pytest.approx(mm["seconds"] / mm["share"])  # = the call's wall time
+
+
+def rows_seen(model: torch.nn.Module) -> tuple[dict[str, list[int]], list]:
+    """Batch rows entering the first ResBlock of the UNet and of the ControlNet, and the UNet's output rows."""
+    seen: dict[str, list[int]] = {"unet": [], "control": [], "out": []}
+    unet, control = model.model.diffusion_model, model.control_model
+
+    def hook(name: str):  # noqa: ANN202
+        return lambda module, args, output: seen[name].append(args[0].shape[0])
+
+    handles = [unet.input_blocks[1][0].register_forward_hook(hook("unet")),
+               control.input_blocks[1][0].register_forward_hook(hook("control")),
+               unet.out.register_forward_hook(hook("out"))]  # fmt: skip
+    return seen, handles
+
+
+def test_cfg_halves_share_the_work_before_cross_attention(model: torch.nn.Module) -> None:
+    seen, handles = rows_seen(model)
+    shared = sample(model, "fast", [], steps=2)
+    for h in handles:
+        h.remove()
+    assert seen == {"unet": [2, 2], "control": [2, 2], "out": [4, 4]}  # 2 images: x, t and hint go in once
+    unshared = sample(model, InferencePath(vae_channels_last=True, share_prefix=False), [], steps=2)
+    assert (shared - unshared).abs().max() < 1e-4  # float rounding of other batch sizes, times CFG 9
+    reference = sample(model, "reference", [], steps=2)
+    assert (shared - reference).abs().max() < 1e-4
+
+
+def test_cfg_halves_with_different_hints_share_only_the_unet_prefix(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    x_t = torch.randn(1, 4, 16, 16, generator=g)
+    text = model.get_learned_conditioning(["a house", ""])
+    cond = {"c_concat": [torch.rand(1, 3, 128, 128, generator=g)], "c_crossattn": [text[:1]]}
+    uncond = {"c_concat": [torch.zeros(1, 3, 128, 128)], "c_crossattn": [text[1:]]}
+    images = {}
+    for share in (True, False):
+        sampler = use_path(model, InferencePath(share_prefix=share))
+        seen, handles = rows_seen(model)
+        with torch.no_grad():
+            images[share], _ = sampler.sample(1, 1, (4, 16, 16), cond, verbose=False, x_T=x_t, progress=False,
+                                              unconditional_guidance_scale=9.0,
+                                              unconditional_conditioning=uncond)  # fmt: skip
+        for h in handles:
+            h.remove()
+        assert seen == {"unet": [1 if share else 2], "control": [2], "out": [2]}  # the hints differ: no sharing
+    assert (images[True] - images[False]).abs().max() < 1e-4

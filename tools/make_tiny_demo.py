@@ -58,11 +58,11 @@ class Recipe:
 
     n_train: int = 20000
     n_heldout: int = 100
-    vae: Stage = Stage(steps=1000, batch=8, lr=1e-3)
+    vae: Stage = Stage(steps=1500, batch=8, lr=1e-3)
     base: Stage = Stage(steps=3000, batch=32, lr=8e-4)
     base_empty_prompt_prob: float = 0.1
     ema_decay: float = 0.999
-    control: Stage = Stage(steps=2500, batch=16, lr=3e-4)
+    control: Stage = Stage(steps=4000, batch=16, lr=3e-4)
     control_hint_init: str = "kaiming"  # tool_add_control.py --hint-init (the reference init learns far slower)
     control_ckpt_every: int = 250
     curve_heldout: int = 50  # held-out conditions scored per saved step (the final model: all)
@@ -101,14 +101,13 @@ def make_data(work: Path, recipe: Recipe) -> tuple[Path, Path]:
     from cldm.pipeline import DEMO_COLORS
     from tools.make_fill50k import make_fill50k
 
-    folders = []
-    for name, n, seed in (("train", recipe.n_train, 0), ("heldout", recipe.n_heldout, 1)):
-        folder = work / name
-        if not (folder / "prompt.json").is_file():
-            with timed(work, "data"):
+    sets = {work / "train": (recipe.n_train, 0), work / "heldout": (recipe.n_heldout, 1)}
+    missing = {folder: spec for folder, spec in sets.items() if not (folder / "prompt.json").is_file()}
+    if missing:
+        with timed(work, "data"):
+            for folder, (n, seed) in missing.items():
                 make_fill50k(folder, n, RESOLUTION, seed, colors=DEMO_COLORS, radius_range=RADIUS_RANGE)
-        folders.append(folder)
-    return folders[0], folders[1]
+    return work / "train", work / "heldout"
 
 
 def load_targets(folder: Path) -> tuple[torch.Tensor, list[str]]:
@@ -187,7 +186,8 @@ def train_base(model: Any, images: torch.Tensor, prompts: list[str], recipe: Rec
     gen = torch.Generator().manual_seed(seed)
     unet = model.model
     ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.base.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.base.lr, weight_decay=0.0, foreach=True)
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
     model.train()
     bar = tqdm(range(recipe.base.steps), desc="base", unit="step")
     for step in bar:
@@ -204,8 +204,7 @@ def train_base(model: Any, images: torch.Tensor, prompts: list[str], recipe: Rec
         opt.step()
         decay = min(recipe.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1.0 - decay)
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval()
     return ema.state_dict()

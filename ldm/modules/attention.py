@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import checkpoint, expand_batch, zero_module
 
 ATTENTION_BACKENDS = ("sdpa", "math")
 
@@ -122,7 +122,11 @@ class BasicTransformerBlock(nn.Module):
         return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is not None and self.disable_self_attn:
+            x = expand_batch(x, context.shape[0])
         x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
+        if context is not None:
+            x = expand_batch(x, context.shape[0])  # rows shared by a CFG batch's halves end here
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -178,7 +182,7 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
         if not isinstance(context, list):
             context = [context] * len(self.transformer_blocks)
-        b, _, h, w = x.shape
+        _, _, h, w = x.shape
         x_in = x
         x = self.norm(x)
         if not self.use_linear:
@@ -190,7 +194,7 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=ctx)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + x_in
+        return x + expand_batch(x_in, x.shape[0])

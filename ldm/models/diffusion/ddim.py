@@ -1,9 +1,10 @@
 """DDIM sampler with classifier-free guidance: the one sampler of this project.
 
 Behaves as the reference's ``cldm/ddim_hacked.py`` (same timesteps, same update, same random
-draws per step, so a seed gives the reference's image) with two exact savings: the ControlNet
-hint is encoded once per run, and the conditional and unconditional passes run as one batch
-when they share the same kind of conditioning.
+draws per step, so a seed gives the reference's image) with three exact savings: the ControlNet
+hint is encoded once per run, the conditional and unconditional passes run as one batch
+when they share the same kind of conditioning, and in that batch the work before the first
+cross-attention (which depends only on x, t and the hint, the same for both halves) runs once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps, noise_like
+from ldm.modules.diffusionmodules.util import (
+    expand_batch,
+    make_ddim_sampling_parameters,
+    make_ddim_timesteps,
+    noise_like,
+)
 
 Cond = Any  # a tensor, a list of tensors, or a dict of lists as in the reference
 
@@ -45,18 +51,20 @@ def _same_structure(c: Cond, uc: Cond) -> bool:
 class DDIMSampler:
     """``DDIMSampler(model).sample(S, batch_size, shape, cond, ...)`` as in the reference.
 
-    ``reuse_hint`` (encode the ControlNet hint once per run) and ``batch_cfg`` (one batched pass for
-    the conditional and unconditional predictions) are exact savings; turning both off gives the
-    reference's schedule of work.
+    ``reuse_hint`` (encode the ControlNet hint once per run), ``batch_cfg`` (one batched pass for
+    the conditional and unconditional predictions) and ``share_prefix`` (in that pass, x, t and a
+    shared hint go in once, and the model tiles its rows at the first layer that reads the text) are
+    exact savings; turning them off gives the reference's schedule of work.
     """
 
     def __init__(self, model: Any, schedule: str = "linear", reuse_hint: bool = True, batch_cfg: bool = True,
-                 **kwargs: Any):  # fmt: skip
+                 share_prefix: bool = True, **kwargs: Any):  # fmt: skip
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
         self.reuse_hint = reuse_hint
         self.batch_cfg = batch_cfg
+        self.share_prefix = share_prefix
 
     @property
     def device(self) -> torch.device:
@@ -149,7 +157,14 @@ class DDIMSampler:
         if uc is None or scale == 1.0:
             return self.model.apply_model(x, t, c)
         if self.batch_cfg and _same_structure(c, uc):
-            e_uncond, e_cond = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(c, uc)).chunk(2)
+            both = _cat_cond(c, uc)
+            if self.share_prefix:
+                if isinstance(c, dict) and "c_guided_hint" in c and uc.get("c_guided_hint") is c["c_guided_hint"]:
+                    both["c_guided_hint"] = c["c_guided_hint"]  # one copy for both halves
+                e_both = expand_batch(self.model.apply_model(x, t, both), 2 * x.shape[0])
+            else:
+                e_both = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both)
+            e_uncond, e_cond = e_both.chunk(2)
         else:
             e_cond = self.model.apply_model(x, t, c)
             e_uncond = self.model.apply_model(x, t, uc)
