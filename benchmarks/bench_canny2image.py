@@ -112,10 +112,15 @@ def count_flops(step: Any) -> int:
     return counter.get_total_flops()
 
 
+# Timed without FLOPs: torch's FLOP counter has no formula for the CPU flash-attention kernel; the rest are
+# the norms and activations between the matrix multiplies. None of them nests inside another or a FLOP op.
+TIMED_ONLY = ("scaled_dot_product_attention", "group_norm", "layer_norm", "silu", "gelu")
+
+
 def kernel_breakdown(step: Any) -> list[dict]:
-    """Where one call of ``step`` spends its time: per FLOP-counted aten op (convolution, mm, attention, ...)
-    its calls, seconds (profiler time including its own callees), share of the call's wall time, TFLOP and
-    GFLOP/s; then ``other`` (everything without FLOPs: norms, activations, copies, Python). Largest first."""
+    """Where one call of ``step`` spends its time: per FLOP-counted aten op (convolution, mm, ...) its calls,
+    seconds (profiler time including its own callees), share of the call's wall time, TFLOP and GFLOP/s; the
+    ``TIMED_ONLY`` ops with their time only; then ``other`` (copies, elementwise ops, Python). Largest first."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -132,6 +137,11 @@ def kernel_breakdown(step: Any) -> list[dict]:
         calls = event.count if event is not None else 0
         rows.append({"kernel": op, "calls": calls, "seconds": seconds, "share": seconds / wall, "tflop": n / 1e12,
                      "gflops": n / seconds / 1e9 if seconds > 0 else float("nan")})  # fmt: skip
+    for op in TIMED_ONLY:  # top-level ops the FLOP counter does not count (CPU SDPA) or that have no FLOPs
+        if op in events and op not in flops:
+            event = events[op]
+            rows.append({"kernel": op, "calls": event.count, "seconds": event.cpu_time_total / 1e6,
+                         "share": event.cpu_time_total / 1e6 / wall, "tflop": 0.0, "gflops": float("nan")})  # fmt: skip
     rows.sort(key=lambda r: -r["seconds"] if r["seconds"] == r["seconds"] else 0.0)
     other = wall - sum(r["seconds"] for r in rows if r["seconds"] == r["seconds"])
     rows.append({"kernel": "other", "calls": 0, "seconds": other, "share": other / wall, "tflop": 0.0, "gflops": 0.0})
@@ -290,7 +300,7 @@ def print_kernels(rows: list[dict]) -> None:
         print(f"\n{row['path']}: one CFG step by kernel (profiled, so a little slower than the table)")
         print(f"{'kernel':<46} {'calls':>5} {'s':>6} {'share':>6} {'TFLOP':>6} {'GFLOP/s':>7} {'of GEMM':>7}")
         for k in row["kernels"]:
-            rate = "" if k["kernel"] == "other" else f"{k['gflops']:7.1f} {k['gemm_fraction']:7.0%}"
+            rate = f"{k['gflops']:7.1f} {k['gemm_fraction']:7.0%}" if k["tflop"] > 0 else ""
             print(f"{k['kernel']:<46} {k['calls']:5d} {k['seconds']:6.2f} {k['share']:6.0%} {k['tflop']:6.3f} {rate}")
 
 

@@ -117,14 +117,16 @@ def test_benchmark_kernel_breakdown_counts_a_matmul() -> None:
     from benchmarks.bench_canny2image import kernel_breakdown
 
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    rows = kernel_breakdown(lambda: torch.relu(torch.mm(a, b)))
+    rows = kernel_breakdown(lambda: torch.nn.functional.silu(torch.mm(a, b)))
     by_name = {r["kernel"]: r for r in rows}
-    assert set(by_name) == {"mm", "other"} and rows[-1]["kernel"] == "other"
+    assert set(by_name) == {"mm", "silu", "other"} and rows[-1]["kernel"] == "other"
+    assert by_name["silu"]["calls"] == 1 and by_name["silu"]["tflop"] == 0.0
     assert by_name["mm"]["tflop"] == pytest.approx(2 * 256**3 / 1e12)
     assert by_name["mm"]["calls"] == 1 and by_name["mm"]["seconds"] > 0 and by_name["mm"]["gflops"] > 0
     assert 0 < by_name["mm"]["share"] <= 1.0
     mm, other = by_name["mm"], by_name["other"]
-    assert mm["seconds"] + other["seconds"] == pytest.approx(mm["seconds"] / mm["share"])  # = the call's wall time
+    wall = mm["seconds"] / mm["share"]
+    assert mm["seconds"] + by_name["silu"]["seconds"] + other["seconds"] == pytest.approx(wall)
 
 
 def rows_seen(model: torch.nn.Module) -> tuple[dict[str, list[int]], list]:
