@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -142,8 +143,9 @@ def kernel_breakdown(step: Any) -> list[dict]:
             event = events[op]
             rows.append({"kernel": op, "calls": event.count, "seconds": event.cpu_time_total / 1e6,
                          "share": event.cpu_time_total / 1e6 / wall, "tflop": 0.0, "gflops": float("nan")})  # fmt: skip
-    rows.sort(key=lambda r: -r["seconds"] if r["seconds"] == r["seconds"] else 0.0)
-    other = wall - sum(r["seconds"] for r in rows if r["seconds"] == r["seconds"])
+    timed = [r for r in rows if not math.isnan(r["seconds"])]  # a FLOP op the profiler did not name: no time
+    rows.sort(key=lambda r: 0.0 if math.isnan(r["seconds"]) else -r["seconds"])
+    other = wall - sum(r["seconds"] for r in timed)
     rows.append({"kernel": "other", "calls": 0, "seconds": other, "share": other / wall, "tflop": 0.0, "gflops": 0.0})
     return rows
 
