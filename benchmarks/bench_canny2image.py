@@ -153,13 +153,14 @@ def kernel_breakdown(step: Any) -> list[dict]:
 def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: bool = False) -> dict:
     import torch
 
-    from cldm.inference import use_path
-    from cldm.model import load_model
+    from cldm.inference import get_path, use_path
+    from cldm.model import load_model, release_mapped_weights
 
     start = time.perf_counter()
     model = load_model(CONFIG, ckpt, low_memory=path_name == "low-memory")
     result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    sampler = use_path(model, "fast" if path_name == "low-memory" else path_name)
+    project_path = "fast" if path_name == "low-memory" else path_name
+    sampler = use_path(model, project_path)
     cond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["c"]]}
     uncond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["uc"]]}
     shape = tuple(inputs["x_T"].shape[1:])
@@ -169,6 +170,8 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
         samples, _ = sampler.sample(steps, 1, shape, cond, verbose=False, x_T=inputs["x_T"].clone(),
                                     unconditional_guidance_scale=SCALE, unconditional_conditioning=uncond,
                                     callback=lambda i: stamps.append(time.perf_counter()), progress=False)  # fmt: skip
+        if get_path(project_path).page_out:  # as Canny2Image: only the VAE's weights are held while decoding
+            release_mapped_weights(model.model, model.control_model)
         image = model.decode_first_stage(samples)
     result["whole_s"] = time.perf_counter() - start
     result["step_s"] = _step_times(start, stamps)

@@ -7,8 +7,10 @@ for both, and the VAE decoder's activations in channels-last layout
 ``channels_last`` for the whole model is a further switch (no faster for the UNet on the 2-core AVX2
 machine, and converting memory-mapped weights costs RAM).
 ``reference``: plain softmax attention, the hint re-encoded at every step, separate
-conditional and unconditional passes (what ``cldm/ddim_hacked.py`` does). Both give the same
-images up to float rounding.
+conditional and unconditional passes (what ``cldm/ddim_hacked.py`` does), the whole model kept in RAM.
+Both give the same images up to float rounding. ``page_out`` (fast): the pipeline drops each stage's
+memory-mapped weights from RAM once the stage is done (text encoder, then UNet + ControlNet before the VAE
+decode), so the peak holds one stage's weights, not all of them.
 """
 
 from __future__ import annotations
@@ -29,20 +31,28 @@ class InferencePath:
     share_prefix: bool = True
     channels_last: bool = False
     vae_channels_last: bool = False
+    page_out: bool = True  # callers drop each stage's memory-mapped weights once used (release_mapped_weights)
 
 
 PATHS = {
     "fast": InferencePath(vae_channels_last=True),
-    "reference": InferencePath(attention="math", reuse_hint=False, batch_cfg=False, share_prefix=False),
+    "reference": InferencePath(attention="math", reuse_hint=False, batch_cfg=False, share_prefix=False,
+                               page_out=False),  # fmt: skip
 }
+
+
+def get_path(path: InferencePath | str) -> InferencePath:
+    """The named path of :data:`PATHS` (``ValueError`` if unknown), or ``path`` itself."""
+    if isinstance(path, InferencePath):
+        return path
+    if path not in PATHS:
+        raise ValueError(f"unknown inference path '{path}' (choose from {', '.join(PATHS)})")
+    return PATHS[path]
 
 
 def use_path(model: torch.nn.Module, path: InferencePath | str) -> DDIMSampler:
     """Switch ``model`` to ``path`` (attention kernel, memory format); returns a sampler that follows it."""
-    if isinstance(path, str):
-        if path not in PATHS:
-            raise ValueError(f"unknown inference path '{path}' (choose from {', '.join(PATHS)})")
-        path = PATHS[path]
+    path = get_path(path)
     set_attention_backend(model, path.attention)
     model.to(memory_format=torch.channels_last if path.channels_last else torch.contiguous_format)
     model.decode_channels_last = path.vae_channels_last

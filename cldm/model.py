@@ -233,6 +233,55 @@ def _float32_forward(module: nn.Module, names: list[str]) -> Any:
     return call
 
 
+MADV_DONTNEED = 4  # Linux madvise(2): drop the pages; a file-backed page is read back on its next use
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Sorted (start, end) addresses of this process's memory mappings of files (empty off Linux)."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return []
+    spans = []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # an inode: a real file
+            start, end = fields[0].split("-")
+            spans.append((int(start, 16), int(end, 16)))
+    return sorted(spans)
+
+
+def release_mapped_weights(*modules: nn.Module) -> int:
+    """Drop from RAM the pages of the modules' parameters and buffers that are memory-mapped from a checkpoint
+    (``load_model`` maps every tensor whose dtype the file already has, e.g. a bfloat16 checkpoint in low-memory
+    mode). The kernel reads them back from the page cache, or the file, when they are next used: the process
+    holds one stage's weights at a time (text encoder, UNet + ControlNet, VAE). Tensors in ordinary memory are
+    left alone. Mapped weights must not have been modified in place (the file's values come back). Returns
+    the bytes released; 0 off Linux."""
+    spans = _file_mappings()
+    if not spans:
+        return 0
+    import bisect
+    import ctypes
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    storages = {}
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            storage = tensor.untyped_storage()
+            if tensor.device.type == "cpu" and storage.nbytes():
+                storages[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
+    libc = ctypes.CDLL(None, use_errno=True)
+    released = 0
+    for start, end in sorted(storages.items()):
+        i = bisect.bisect_right(spans, (start, float("inf"))) - 1
+        if i < 0 or end > spans[i][1]:
+            continue  # not (wholly) inside a file mapping: ordinary memory
+        first, last = -(-start // page) * page, end // page * page  # whole pages only: neighbours stay
+        if last > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0:
+            released += last - first
+    return released
+
+
 def fill_zero_parameters(model: nn.Module, std: float, generator: torch.Generator) -> int:
     """Give every all-zero floating parameter N(0, std) values; returns how many tensors changed.
 

@@ -18,8 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
 from cldm.cldm import control_scales_for
-from cldm.inference import use_path
-from cldm.model import CheckpointError, load_model
+from cldm.inference import InferencePath, get_path, use_path
+from cldm.model import CheckpointError, load_model, release_mapped_weights
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import seed_everything
 
@@ -165,12 +165,18 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 class Canny2Image:
-    """Loaded model + sampler; call with an image and :class:`CannyParams`."""
+    """Loaded model + sampler; call with an image and :class:`CannyParams`.
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    With the path's ``page_out`` (the fast path's default), each stage's memory-mapped weights (text encoder,
+    UNet + ControlNet, VAE) leave RAM once the stage is done (:func:`release_mapped_weights`) and are read back
+    from the page cache on the next call, so the process holds one stage's weights at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, path: InferencePath | str = "fast"):
         self.model = model
         self.device = device
-        self.sampler = use_path(model, "fast")
+        self.path = get_path(path)
+        self.sampler = use_path(model, self.path)
         self.apply_canny = CannyDetector()
 
     @classmethod
@@ -179,6 +185,10 @@ class Canny2Image:
     ) -> Canny2Image:
         """Load the model (``low_memory``: bfloat16 weights, float32 compute) and wrap it."""
         return cls(load_model(config, ckpt, device=device, low_memory=low_memory), device)
+
+    def _done_with(self, *modules: torch.nn.Module) -> None:
+        if self.path.page_out:
+            release_mapped_weights(*modules)
 
     def sampling_steps(self, ddim_steps: int) -> int:
         """DDIM iterations a run of ``ddim_steps`` takes (the reference's schedule visits 31 for 30)."""
@@ -212,12 +222,15 @@ class Canny2Image:
             "c_concat": None if params.guess_mode else [control],
             "c_crossattn": [model.get_learned_conditioning([params.n_prompt] * n)],
         }
+        self._done_with(model.cond_stage_model)
         model.control_scales = control_scales_for(params.strength, params.guess_mode)
         samples, _ = self.sampler.sample(
             params.ddim_steps, n, (4, height // 8, width // 8), cond, verbose=False, eta=params.eta,
             unconditional_guidance_scale=params.scale, unconditional_conditioning=un_cond,
             callback=callback, progress=progress,
         )  # fmt: skip
+        self._done_with(model.model, model.control_model)
         x_samples = model.decode_first_stage(samples)
+        self._done_with(model.first_stage_model)
         x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy().clip(0, 255).astype(np.uint8)
         return [255 - detected_map] + [x_samples[i] for i in range(n)], seed
