@@ -89,7 +89,7 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
 
 def run(args: argparse.Namespace) -> int:
     from cldm.pipeline import Canny2Image, choose_model, read_image
-    from ldm.device import resolve_device, set_threads
+    from ldm.device import resolve_device, return_freed_memory, set_threads
 
     try:
         choice = choose_model(args.ckpt, args.config, args.demo)
@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         image = read_image(input_path)
         device = resolve_device(args.device)
         set_threads(args.threads)
+        return_freed_memory()
         out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()

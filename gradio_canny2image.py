@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from cldm.pipeline import DEMO_IMAGE, Canny2Image, CannyParams, choose_model, demo_params, describe_demo
-    from ldm.device import resolve_device, set_threads
+    from ldm.device import resolve_device, return_freed_memory, set_threads
 
     try:
         choice = choose_model(args.ckpt, args.config, args.demo)
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(notice, file=sys.stderr)
             notice = f"**Demo model.** {notice}"
         set_threads(args.threads)
+        return_freed_memory()
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
                                           low_memory=args.low_memory)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError

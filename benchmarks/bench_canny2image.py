@@ -240,8 +240,11 @@ def worker(args: argparse.Namespace) -> int:
     """One path in this process; writes its figures (and the decoded image) to ``args.worker_out``."""
     import torch
 
+    from ldm.device import return_freed_memory
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    return_freed_memory()  # every path, as the scripts do
     inputs = torch.load(args.inputs, weights_only=True)
     if args.worker == "diffusers":
         result = run_diffusers(args.ckpt, inputs, args.steps, args.profile)
@@ -357,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         make_inputs(args.ckpt, args.resolution, tmp / "inputs.pt")
         results = {path: run_worker(path, args, tmp / "inputs.pt", tmp) for path in paths}
+    gemm = max(gemm, gemm_gflops())  # again after the paths: one reading is easily disturbed on a shared machine
     base = results["fast"]["image"] if "fast" in results else None
     rows = [summarize(name, data, gemm, base) for name, data in results.items()]
     meta = {"resolution": args.resolution, "steps": args.steps, "threads": args.threads or torch.get_num_threads(),

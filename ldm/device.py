@@ -8,6 +8,7 @@ The device can be chosen by a CLI flag or the ``CONTROLNET_DEVICE`` environment 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from contextlib import AbstractContextManager
 
@@ -15,6 +16,7 @@ import torch
 
 DEVICE_ENV = "CONTROLNET_DEVICE"
 DEVICE_CHOICES = ("cpu", "cuda", "mps", "auto")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt(3) parameters
 
 
 def available_devices() -> list[str]:
@@ -73,3 +75,16 @@ def set_threads(n: int | None) -> None:
     if n < 1:
         raise ValueError(f"--threads must be at least 1, got {n}")
     torch.set_num_threads(n)
+
+
+def return_freed_memory(mmap_threshold: int = 1 << 20) -> bool:
+    """Have glibc give freed host memory back to the OS at once: blocks of ``mmap_threshold`` bytes or more get
+    their own mappings and the heap is trimmed on every free. By default glibc raises that threshold to
+    32 MiB after the first large free, so activations and per-call weight copies pile up in a fragmented heap
+    (at 512 px the low-memory mode's sampling peak RSS: 3.56 GB, with this 3.31 GB; same speed). Process-wide;
+    returns False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 0) == 1
