@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--low-memory", action="store_true",
                    help="hold the weights in bfloat16 (half the RAM), compute in float32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and ControlNet (inductor; the first image compiles for minutes)")
     return p
 
 
@@ -152,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             notice = f"**Demo model.** {notice}"
         set_threads(args.threads)
         return_freed_memory()
+        path = "compiled" if args.compile else "fast"
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
-                                          low_memory=args.low_memory)  # fmt: skip
+                                          low_memory=args.low_memory, path=path)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

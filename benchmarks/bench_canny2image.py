@@ -31,7 +31,7 @@ CONFIG = REPO / "models" / "cldm_v15.yaml"
 DEFAULT_CKPT = Path(tempfile.gettempdir()) / "controlnet_bench" / "control_sd15_random.pth"
 PROMPT, N_PROMPT = "an astronaut, best quality, extremely detailed", "lowres, bad anatomy, worst quality"
 SCALE = 9.0
-PATHS = ("fast", "reference", "diffusers", "low-memory")
+PATHS = ("fast", "reference", "diffusers", "low-memory", "compiled")
 
 
 def peak_rss_gb() -> float:
@@ -165,16 +165,28 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     uncond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["uc"]]}
     shape = tuple(inputs["x_T"].shape[1:])
     stamps: list[float] = []
+
+    def sample(n: int) -> torch.Tensor:
+        return sampler.sample(n, 1, shape, cond, verbose=False, x_T=inputs["x_T"].clone(),
+                              unconditional_guidance_scale=SCALE, unconditional_conditioning=uncond,
+                              callback=lambda i: stamps.append(time.perf_counter()), progress=False)[0]  # fmt: skip
+
+    if get_path(project_path).compile:  # compiled on a one-step run of the same shapes, outside the timings
+        start = time.perf_counter()
+        with torch.no_grad():
+            sample(1)
+        result["compile_s"] = time.perf_counter() - start
+        stamps.clear()
     start = time.perf_counter()
     with torch.no_grad():
-        samples, _ = sampler.sample(steps, 1, shape, cond, verbose=False, x_T=inputs["x_T"].clone(),
-                                    unconditional_guidance_scale=SCALE, unconditional_conditioning=uncond,
-                                    callback=lambda i: stamps.append(time.perf_counter()), progress=False)  # fmt: skip
+        samples = sample(steps)
         if get_path(project_path).page_out:  # as Canny2Image: only the VAE's weights are held while decoding
             release_mapped_weights(model.model, model.control_model)
         image = model.decode_first_stage(samples)
     result["whole_s"] = time.perf_counter() - start
     result["step_s"] = _step_times(start, stamps)
+    if get_path(project_path).compile:
+        use_path(model, "fast")  # FLOPs counted in eager mode: the same operations
     t = torch.full((1,), 501, dtype=torch.long)
     with torch.no_grad():
         prepared = (model.prepare_conditioning(cond), model.prepare_conditioning(uncond))
@@ -281,6 +293,8 @@ def summarize(name: str, data: dict, gemm: float, base_image: Any) -> dict:
     row["max_abs_diff_vs_fast"] = (
         None if base_image is None else (data["image"].int() - base_image.int()).abs().max().item()
     )
+    if "compile_s" in r:
+        row["compile_s"] = r["compile_s"]
     if "kernels" in r:
         row["kernels"] = [{**k, "gemm_fraction": k["gflops"] / gemm} for k in r["kernels"]]
     return row
@@ -298,6 +312,9 @@ def print_table(rows: list[dict], meta: dict) -> None:
         print(f"{r['path']:<10} {r['step_s']:7.2f} {r['whole_s']:8.1f} {r['tflop_per_step']:8.2f} {r['gflops']:8.1f} "
               f"{r['gemm_fraction']:7.0%} {r['peak_rss_gb']:7.2f} {r['load_s']:6.1f} {r['load_peak_rss_gb']:7.2f} "
               f"{diff:>8}")  # fmt: skip
+    for r in rows:
+        if "compile_s" in r:
+            print(f"{r['path']}: torch.compile took {r['compile_s']:.0f} s (first run; not in the times above)")
 
 
 def print_kernels(rows: list[dict]) -> None:
@@ -319,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--paths", default="fast,reference,diffusers,low-memory",
-                   help="comma-separated: fast, reference, diffusers, low-memory")
+                   help="comma-separated: fast, reference, diffusers, low-memory, compiled (opt-in)")
     p.add_argument("--low-memory-ckpt", type=Path, default=None,
                    help="bfloat16 copy of --ckpt for the low-memory path (default: made next to it)")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="random full-size checkpoint (made if missing)")

@@ -181,10 +181,12 @@ class Canny2Image:
 
     @classmethod
     def from_checkpoint(
-        cls, config: str | Path, ckpt: str | Path, device: torch.device, low_memory: bool = False
-    ) -> Canny2Image:
-        """Load the model (``low_memory``: bfloat16 weights, float32 compute) and wrap it."""
-        return cls(load_model(config, ckpt, device=device, low_memory=low_memory), device)
+        cls, config: str | Path, ckpt: str | Path, device: torch.device, low_memory: bool = False,
+        path: InferencePath | str = "fast",
+    ) -> Canny2Image:  # fmt: skip
+        """Load the model (``low_memory``: bfloat16 weights, float32 compute) and wrap it (``path``: see
+        :mod:`cldm.inference`)."""
+        return cls(load_model(config, ckpt, device=device, low_memory=low_memory), device, path)
 
     def _done_with(self, *modules: torch.nn.Module) -> None:
         if self.path.page_out:

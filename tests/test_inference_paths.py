@@ -73,12 +73,28 @@ def test_fast_path_decodes_channels_last(model: torch.nn.Module) -> None:
     assert reference.is_contiguous() and (fast - reference).abs().max() < 1e-5
 
 
+def test_compiled_path_keeps_the_output_and_the_keys(model: torch.nn.Module) -> None:
+    """The opt-in torch.compile path (here its graph capture with the quick aot_eager backend; the scripts use
+    inductor) gives the fast path's output, keeps the state-dict keys, and switching back is eager again."""
+    assert PATHS["compiled"] == replace(PATHS["fast"], compile="inductor")
+    keys = list(model.state_dict())
+    fast = sample(model, "fast", [])
+    compiled_calls: list[int] = []
+    compiled = sample(model, replace(PATHS["compiled"], compile="aot_eager"), compiled_calls)
+    unet = model.model.diffusion_model
+    assert unet._compiled_call_impl is not None and model.control_model._compiled_call_impl is not None
+    assert list(model.state_dict()) == keys
+    assert (fast - compiled).abs().max() < 1e-4 and compiled_calls == [2]
+    use_path(model, "fast")
+    assert unet._compiled_call_impl is None and model.control_model._compiled_call_impl is None
+
+
 def test_paths_are_switches_of_the_same_model(model: torch.nn.Module) -> None:
     use_path(model, InferencePath(channels_last=True))
     use_path(model, "reference")
     assert model.model.diffusion_model.input_blocks[0][0].weight.is_contiguous()
     assert {m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")} == {"math"}
-    assert set(PATHS) == {"fast", "reference"}
+    assert set(PATHS) == {"fast", "reference", "compiled"}
     with pytest.raises(ValueError, match="unknown inference path 'turbo'"):
         use_path(model, "turbo")
 
