@@ -17,7 +17,7 @@ from tests.conftest import TINY_CONFIG, V15_CONFIG
 from tools.make_fill50k import COLORS, make_fill50k, make_sample, sample_rng
 from tools.make_tiny_demo import RADIUS_RANGE, calibrate_autoencoder
 from tools.make_tiny_demo import main as recipe_main
-from tools.measure_control import generate, load_conditions, plot_curve, score, segment
+from tools.measure_control import SMALL_DISC, generate, load_conditions, plot_curve, score, segment
 from tools.measure_control import main as measure_main
 
 
@@ -51,19 +51,26 @@ def test_demo_data_uses_the_palette_and_radius_range() -> None:
 
 
 def test_score_counts_iou_and_colors(tmp_path: Path) -> None:
-    make_fill50k(tmp_path, 4, 64, seed=3, colors=DEMO_COLORS, radius_range=RADIUS_RANGE)
+    make_fill50k(tmp_path, 8, 64, seed=3, colors=DEMO_COLORS, radius_range=RADIUS_RANGE)
     conditions = load_conditions(tmp_path)
-    targets = np.stack([np.array(Image.open(tmp_path / "target" / f"{i}.png").convert("RGB")) for i in range(4)])
+    targets = np.stack([np.array(Image.open(tmp_path / "target" / f"{i}.png").convert("RGB")) for i in range(8)])
     assert all(c.disc.sum() > 300 for c in conditions)
     perfect = score(targets, conditions)
-    assert perfect["iou"] == 1.0 and perfect["color_accuracy"] == 1.0
+    assert perfect["iou"] == 1.0 and perfect["color_accuracy"] == 1.0 and perfect["iou_colors_right"] == 1.0
+    assert {perfect["iou_colors_right_small"], perfect["iou_colors_right_large"]} <= {1.0, None}
     swapped = targets.copy()  # the right shape, circle and background colors exchanged
     for image, cond in zip(swapped, conditions):
         image[cond.disc], image[~cond.disc] = COLORS[cond.background], COLORS[cond.circle]
     assert score(swapped, conditions)["iou"] == 0.0 and score(swapped, conditions)["color_accuracy"] == 0.0
+    assert score(swapped, conditions)["iou_colors_right"] is None  # no image has its colors right
     shifted = np.roll(targets, 5, axis=2)  # same colors, circle moved 5 px: mostly still on the disc
     moved = score(shifted, conditions)
-    assert 0.3 < moved["iou"] < 0.9 and moved["color_accuracy"] == 1.0
+    assert 0.3 < moved["iou"] < 0.9 and moved["color_accuracy"] == 1.0 and moved["iou_colors_right"] == moved["iou"]
+    radii = np.sqrt(np.array([c.disc.sum() for c in conditions]) / np.pi)
+    small = radii < SMALL_DISC * 64
+    assert small.any() and not small.all()
+    assert moved["iou_colors_right_small"] == pytest.approx(np.mean(np.array(moved["ious"])[small]))
+    assert moved["iou_colors_right_large"] == pytest.approx(np.mean(np.array(moved["ious"])[~small]))
     elsewhere = np.roll(targets, 32, axis=(1, 2))  # circle moved off its disc
     assert score(elsewhere, conditions)["color_accuracy"] < 1.0
     mask = segment(targets[0], COLORS[conditions[0].circle], COLORS[conditions[0].background])

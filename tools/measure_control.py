@@ -38,6 +38,7 @@ from tools.make_fill50k import COLORS  # noqa: E402
 
 PROMPT = re.compile(r"^(?P<circle>.+) circle with (?P<background>.+) background$")
 STEP_CKPT = re.compile(r"step=(\d+)\.ckpt$")
+SMALL_DISC = 14 / 64  # radius, as a fraction of the image side, below which a disc counts as small (demo: 10..20 px)
 
 
 @dataclass
@@ -89,7 +90,8 @@ def nearest_color(rgb: np.ndarray, palette: tuple[str, ...]) -> str:
 
 
 def score(images: np.ndarray, conditions: list[Condition], palette: tuple[str, ...] = DEMO_COLORS) -> dict:
-    """IoU and color accuracy of (N, H, W, 3) uint8 images against their conditions (means and per sample)."""
+    """IoU and color accuracy of (N, H, W, 3) uint8 images against their conditions (means and per sample),
+    and the mean IoU over the images with both colors right: all, small discs (radius < ``SMALL_DISC``), large."""
     ious, correct = [], []
     for image, cond in zip(images, conditions):
         mask = segment(image, COLORS[cond.circle], COLORS[cond.background])
@@ -98,7 +100,15 @@ def score(images: np.ndarray, conditions: list[Condition], palette: tuple[str, .
         inside = nearest_color(image[cond.disc].mean(axis=0), palette) == cond.circle
         outside = nearest_color(image[~cond.disc].mean(axis=0), palette) == cond.background
         correct.append(bool(inside and outside))
-    return {"iou": float(np.mean(ious)), "color_accuracy": float(np.mean(correct)), "ious": ious}
+    right = np.array(correct)
+    small = np.array([np.sqrt(c.disc.sum() / np.pi) < SMALL_DISC * c.disc.shape[0] for c in conditions])
+
+    def mean_iou(rows: np.ndarray) -> float | None:
+        return float(np.mean(np.array(ious)[rows])) if rows.any() else None
+
+    return {"iou": float(np.mean(ious)), "color_accuracy": float(np.mean(correct)), "ious": ious,
+            "iou_colors_right": mean_iou(right), "iou_colors_right_small": mean_iou(right & small),
+            "iou_colors_right_large": mean_iou(right & ~small)}  # fmt: skip
 
 
 @torch.no_grad()
@@ -179,19 +189,23 @@ def plot_curve(points: list[tuple[int, float]], path: str | Path, title: str = "
 def measure(
     config: str | Path, conditions: list[Condition], base: str | None = None, ckpts: tuple[str, ...] = (),
     curve: str | None = None, curve_init: str | None = None, steps: int = 20, scale: float = 9.0, seed: int = 0,
-    progress: bool = True,
+    progress: bool = True, strength: float = 1.0,
 ) -> dict[str, Any]:  # fmt: skip
     """Score the base model and each ControlNet checkpoint; returns the JSON-ready results. ``curve``: a
     folder of ``step=N.ckpt`` files, scored in step order, after ``curve_init`` (the ControlNet at init) as
-    step 0 when given."""
+    step 0 when given. ``strength``: the control scale of every block (the demo's Control Strength)."""
+    from cldm.cldm import control_scales_for
     from cldm.model import load_model
 
     def run(path: str | Path, control: bool) -> tuple[np.ndarray, dict]:
         model = load_model(config, path, base=not control)
+        if control:
+            model.control_scales = control_scales_for(strength, guess_mode=False)
         images = generate(model, conditions, control=control, steps=steps, scale=scale, seed=seed)
         return images, summary(score(images, conditions))
 
-    results: dict[str, Any] = {"n": len(conditions), "ddim_steps": steps, "scale": scale, "seed": seed}
+    results: dict[str, Any] = {"n": len(conditions), "ddim_steps": steps, "scale": scale, "strength": strength,
+                               "seed": seed}  # fmt: skip
     base_images = None
     if base is not None:
         base_images, scores = run(base, control=False)
@@ -217,13 +231,16 @@ def measure(
 
 
 def summary(scores: dict) -> dict:
-    return {"iou": round(scores["iou"], 4), "color_accuracy": round(scores["color_accuracy"], 4)}
+    return {k: None if v is None else round(v, 4) for k, v in scores.items() if k != "ious"}
 
 
 def report(name: str, entry: dict, enabled: bool) -> None:
     if enabled:
         extra = f"  max |diff| to base {entry['max_abs_diff_to_base']}" if "max_abs_diff_to_base" in entry else ""
-        print(f"{name:>28}: IoU {entry['iou']:.3f}  color accuracy {entry['color_accuracy']:.3f}{extra}", flush=True)
+        right = " ".join(f"{entry[k]:.3f}" if entry[k] is not None else "-"
+                         for k in ("iou_colors_right", "iou_colors_right_small", "iou_colors_right_large"))  # fmt: skip
+        print(f"{name:>28}: IoU {entry['iou']:.3f}  color accuracy {entry['color_accuracy']:.3f}  "
+              f"IoU with colors right (all small large) {right}{extra}", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="write the IoU-vs-step plot of --curve here (PNG)")
     p.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
     p.add_argument("--scale", type=float, default=9.0, help="guidance scale (default: %(default)s)")
+    p.add_argument("--strength", type=float, default=1.0, help="control strength (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -246,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.n < 1 or args.ddim_steps < 1:
             raise ValueError("--n and --ddim-steps must be at least 1")
+        if not 0.0 <= args.strength <= 2.0:
+            raise ValueError(f"--strength must be between 0 and 2, got {args.strength}")
         if (args.plot or args.curve_init) and not args.curve:
             raise ValueError("--plot and --curve-init need --curve")
         if args.curve and not curve_checkpoints(args.curve):
@@ -253,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         conditions = load_conditions(args.data, args.n)
         results = measure(args.config, conditions, args.base, tuple(args.ckpt), curve=args.curve,
                           curve_init=args.curve_init, steps=args.ddim_steps, scale=args.scale,
-                          seed=args.seed)  # fmt: skip
+                          seed=args.seed, strength=args.strength)  # fmt: skip
     except (ValueError, OSError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
