@@ -25,6 +25,7 @@ DEFAULT_PROMPT = "an astronaut in a white space suit, best quality"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cldm.inference import add_inference_arguments
     from cldm.pipeline import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, CannyParams
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
 
@@ -55,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default="outputs", help="where PNGs are written (default: %(default)s)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--low-memory", action="store_true",
-                   help="hold the weights in bfloat16 (half the RAM), compute in float32")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and ControlNet (inductor; the first image compiles for minutes)")
+    add_inference_arguments(p)
     return p
 
 
@@ -90,6 +88,7 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cldm.inference import path_from_args
     from cldm.pipeline import Canny2Image, choose_model, read_image
     from ldm.device import resolve_device, return_freed_memory, set_threads
 
@@ -110,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         pipe = Canny2Image.from_checkpoint(config, ckpt, device, low_memory=args.low_memory,
-                                           path="compiled" if args.compile else "fast")
+                                           path=path_from_args(args))
         print(f"loaded {ckpt} ({config.name}) on {device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)

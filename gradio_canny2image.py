@@ -29,6 +29,7 @@ TITLE = "Control Stable Diffusion with Canny Edge Maps"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cldm.inference import add_inference_arguments
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
 
     p = argparse.ArgumentParser(description="Gradio page: Canny edge map -> image with SD1.5 + ControlNet.")
@@ -40,10 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="serve the tiny trained circle demo (models/cldm_tiny.yaml)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--low-memory", action="store_true",
-                   help="hold the weights in bfloat16 (half the RAM), compute in float32")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and ControlNet (inductor; the first image compiles for minutes)")
+    add_inference_arguments(p)
     return p
 
 
@@ -142,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: gradio is not installed; run: pip install -r requirements-gradio.txt", file=sys.stderr)
         return 1
 
+    from cldm.inference import path_from_args
     from cldm.pipeline import DEMO_IMAGE, Canny2Image, CannyParams, choose_model, demo_params, describe_demo
     from ldm.device import resolve_device, return_freed_memory, set_threads
 
@@ -154,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             notice = f"**Demo model.** {notice}"
         set_threads(args.threads)
         return_freed_memory()
-        path = "compiled" if args.compile else "fast"
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
-                                          low_memory=args.low_memory, path=path)  # fmt: skip
+                                          low_memory=args.low_memory, path=path_from_args(args))  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

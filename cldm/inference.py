@@ -17,6 +17,7 @@ decode), so the peak holds one stage's weights, not all of them.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, replace
 
 import torch
@@ -69,3 +70,16 @@ def use_path(model: torch.nn.Module, path: InferencePath | str) -> DDIMSampler:
         else:
             module._compiled_call_impl = None  # what nn.Module.compile set: back to eager
     return DDIMSampler(model, reuse_hint=path.reuse_hint, batch_cfg=path.batch_cfg, share_prefix=path.share_prefix)
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scripts' shared flags ``--low-memory`` and ``--compile`` (read back with :func:`path_from_args`)."""
+    parser.add_argument("--low-memory", action="store_true",
+                        help="hold the weights in bfloat16 (half the RAM), compute in float32")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet and ControlNet (inductor; the first image compiles for minutes)")
+
+
+def path_from_args(args: argparse.Namespace) -> str:
+    """The inference path the scripts' ``--compile`` flag asks for."""
+    return "compiled" if args.compile else "fast"
