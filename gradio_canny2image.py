@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             print(notice, file=sys.stderr)
             notice = f"**Demo model.** {notice}"
         set_threads(args.threads)
-        return_freed_memory()
+        if args.low_memory:  # less RAM for a few % of speed
+            return_freed_memory()
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
                                           low_memory=args.low_memory, path=path_from_args(args))  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError

@@ -256,7 +256,8 @@ def worker(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return_freed_memory()  # every path, as the scripts do
+    if args.worker == "low-memory":  # as the scripts do with --low-memory
+        return_freed_memory()
     inputs = torch.load(args.inputs, weights_only=True)
     if args.worker == "diffusers":
         result = run_diffusers(args.ckpt, inputs, args.steps, args.profile)
