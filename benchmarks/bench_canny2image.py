@@ -159,8 +159,8 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     start = time.perf_counter()
     model = load_model(CONFIG, ckpt, low_memory=path_name == "low-memory")
     result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    project_path = "fast" if path_name == "low-memory" else path_name
-    sampler = use_path(model, project_path)
+    path = get_path("fast" if path_name == "low-memory" else path_name)
+    sampler = use_path(model, path)
     cond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["c"]]}
     uncond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["uc"]]}
     shape = tuple(inputs["x_T"].shape[1:])
@@ -171,7 +171,7 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
                               unconditional_guidance_scale=SCALE, unconditional_conditioning=uncond,
                               callback=lambda i: stamps.append(time.perf_counter()), progress=False)[0]  # fmt: skip
 
-    if get_path(project_path).compile:  # compiled on a one-step run of the same shapes, outside the timings
+    if path.compile:  # compiled on a one-step run of the same shapes, outside the timings
         start = time.perf_counter()
         with torch.no_grad():
             sample(1)
@@ -180,12 +180,12 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     start = time.perf_counter()
     with torch.no_grad():
         samples = sample(steps)
-        if get_path(project_path).page_out:  # as Canny2Image: only the VAE's weights are held while decoding
+        if path.page_out:  # as Canny2Image: only the VAE's weights are held while decoding
             release_mapped_weights(model.model, model.control_model)
         image = model.decode_first_stage(samples)
     result["whole_s"] = time.perf_counter() - start
     result["step_s"] = _step_times(start, stamps)
-    if get_path(project_path).compile:
+    if path.compile:
         use_path(model, "fast")  # FLOPs counted in eager mode: the same operations
     t = torch.full((1,), 501, dtype=torch.long)
     with torch.no_grad():
