@@ -180,9 +180,11 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     start = time.perf_counter()
     with torch.no_grad():
         samples = sample(steps)
+        decode_start = time.perf_counter()
         if path.page_out:  # as Canny2Image: only the VAE's weights are held while decoding
             release_mapped_weights(model.model, model.control_model)
         image = model.decode_first_stage(samples)
+    result["decode_s"] = time.perf_counter() - decode_start
     result["whole_s"] = time.perf_counter() - start
     result["step_s"] = _step_times(start, stamps)
     if path.compile:
@@ -233,7 +235,9 @@ def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -
         for t in scheduler.timesteps:
             x = scheduler.step(eps(x, t), t, x, eta=0.0).prev_sample
             stamps.append(time.perf_counter())
+        decode_start = time.perf_counter()
         image = vae.decode(x / 0.18215).sample
+    result["decode_s"] = time.perf_counter() - decode_start
     result["whole_s"] = time.perf_counter() - start
     result["step_s"] = _step_times(start, stamps)
     with torch.no_grad():
@@ -288,7 +292,8 @@ def summarize(name: str, data: dict, gemm: float, base_image: Any) -> dict:
     r = data["result"]
     step = statistics.median(r["step_s"])
     gflops = r["flops_per_step"] / step / 1e9
-    row = {"path": name, "step_s": step, "whole_s": r["whole_s"], "tflop_per_step": r["flops_per_step"] / 1e12,
+    row = {"path": name, "step_s": step, "steps_s": r["step_s"], "decode_s": r["decode_s"], "whole_s": r["whole_s"],
+           "tflop_per_step": r["flops_per_step"] / 1e12,
            "gflops": gflops, "gemm_fraction": gflops / gemm, "peak_rss_gb": r["peak_rss_gb"], "load_s": r["load_s"],
            "load_peak_rss_gb": r["load_peak_rss_gb"]}  # fmt: skip
     row["max_abs_diff_vs_fast"] = (
@@ -305,12 +310,14 @@ def print_table(rows: list[dict], meta: dict) -> None:
     print(f"\n{meta['resolution']}x{meta['resolution']}, {meta['steps']} DDIM steps, CFG {SCALE}, "
           f"{meta['threads']} threads; fp32 GEMM {meta['gemm_gflops']:.0f} GFLOP/s; "
           f"checkpoint {meta['ckpt_gb']:.2f} GB")  # fmt: skip
-    head = (f"{'path':<10} {'s/step':>7} {'image s':>8} {'TFLOP/st':>8} {'GFLOP/s':>8} {'of GEMM':>7} "
+    head = (f"{'path':<10} {'s/step':>7} {'1st s':>6} {'decode s':>8} {'image s':>8} {'TFLOP/st':>8} {'GFLOP/s':>8} "
+            f"{'of GEMM':>7} "
             f"{'peak GB':>7} {'load s':>6} {'load GB':>7} {'max diff':>8}")  # fmt: skip
     print(head)
     for r in rows:
         diff = "-" if r["max_abs_diff_vs_fast"] is None else f"{r['max_abs_diff_vs_fast']}/255"
-        print(f"{r['path']:<10} {r['step_s']:7.2f} {r['whole_s']:8.1f} {r['tflop_per_step']:8.2f} {r['gflops']:8.1f} "
+        print(f"{r['path']:<10} {r['step_s']:7.2f} {r['steps_s'][0]:6.1f} {r['decode_s']:8.1f} {r['whole_s']:8.1f} "
+              f"{r['tflop_per_step']:8.2f} {r['gflops']:8.1f} "
               f"{r['gemm_fraction']:7.0%} {r['peak_rss_gb']:7.2f} {r['load_s']:6.1f} {r['load_peak_rss_gb']:7.2f} "
               f"{diff:>8}")  # fmt: skip
     for r in rows:
