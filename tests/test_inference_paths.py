@@ -177,6 +177,22 @@ def test_benchmark_kernel_breakdown_counts_a_matmul() -> None:
     assert mm["seconds"] + by_name["silu"]["seconds"] + other["seconds"] == pytest.approx(wall)
 
 
+
+def test_benchmark_summary_rates_and_table(capsys: pytest.CaptureFixture) -> None:
+    """One row of the table: median step, executed vs direct-convolution FLOP rates, first step and decode."""
+    from benchmarks.bench_canny2image import print_table, summarize
+
+    image = torch.zeros(4, 4, 3, dtype=torch.uint8)
+    result = {"step_s": [3.0, 2.0, 2.0, 4.0], "decode_s": 1.5, "whole_s": 12.5, "flops_per_step": 2e12,
+              "direct_flops_per_step": 4e12, "peak_rss_gb": 5.0, "load_s": 1.0, "load_peak_rss_gb": 0.4}  # fmt: skip
+    row = summarize("fast", {"result": result, "image": image}, 100.0, image)
+    assert row["step_s"] == 2.5 and row["steps_s"][0] == 3.0 and row["decode_s"] == 1.5
+    assert row["gflops"] == pytest.approx(800.0) and row["gemm_fraction"] == pytest.approx(8.0)
+    assert row["effective_gflops"] == pytest.approx(1600.0) and row["max_abs_diff_vs_fast"] == 0
+    print_table([row], {"resolution": 64, "steps": 4, "threads": 2, "gemm_gflops": 100.0, "ckpt_gb": 1.0})
+    line = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert line[:5] == ["fast", "2.50", "3.0", "1.5", "12.5"] and "1600.0" in line
+
 def rows_seen(model: torch.nn.Module) -> tuple[dict[str, list[int]], list]:
     """Batch rows entering the first ResBlock of the UNet and of the ControlNet, and the UNet's output rows."""
     seen: dict[str, list[int]] = {"unet": [], "control": [], "out": []}
