@@ -26,7 +26,7 @@ DEFAULT_PROMPT = "an astronaut in a white space suit, best quality"
 
 def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
-    from cldm.pipeline import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, CannyParams
+    from cldm.pipeline import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, DEMO_SCALE, CannyParams
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
 
     d = CannyParams()
@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guess-mode", action="store_true", help="guess mode: no prompt needed, control drives")
     p.add_argument("--strength", "--control-strength", dest="strength", type=float, default=d.strength,
                    help="control strength (0-2)")
-    p.add_argument("--scale", "--guidance-scale", dest="scale", type=float, default=d.scale, help="guidance scale")
+    p.add_argument("--scale", "--guidance-scale", dest="scale", type=float, default=None,
+                   help=f"guidance scale (default: {d.scale:g}; demo: {DEMO_SCALE:g})")
+    p.add_argument("--uncond-hint", action=argparse.BooleanOptionalAction, default=None,
+                   help="give the hint to the unconditional pass too (default: on, as the reference; demo: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed, -1 for a random one")
     p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (0 = deterministic)")
     p.add_argument("--low-threshold", type=int, default=d.low_threshold, help="Canny low threshold (1-255)")
@@ -76,11 +79,12 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
     from cldm.pipeline import DEMO_IMAGE, CannyParams, demo_params
 
     base = demo_params() if demo else CannyParams(prompt=DEFAULT_PROMPT)
-    given = {name: getattr(args, name) for name in ("prompt", "a_prompt", "n_prompt", "image_resolution")}
+    given = {name: getattr(args, name) for name in ("prompt", "a_prompt", "n_prompt", "image_resolution", "scale",
+                                                    "uncond_hint")}  # fmt: skip
     params = CannyParams(**{
         **base.to_dict(), **{k: v for k, v in given.items() if v is not None},
         "num_samples": args.num_samples, "ddim_steps": args.ddim_steps, "guess_mode": args.guess_mode,
-        "strength": args.strength, "scale": args.scale, "seed": args.seed, "eta": args.eta,
+        "strength": args.strength, "seed": args.seed, "eta": args.eta,
         "low_threshold": args.low_threshold, "high_threshold": args.high_threshold,
     })  # fmt: skip
     input_path = Path(args.input) if args.input else (DEMO_IMAGE if demo else DEFAULT_IMAGE)

@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_process(pipe: Canny2Image) -> Callable[..., list]:
-    """The page's ``process`` (same inputs, in the same order, as the reference's), bound to ``pipe``."""
+def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., list]:
+    """The page's ``process`` (same inputs, in the same order, as the reference's), bound to ``pipe``;
+    ``uncond_hint``: whether the unconditional pass gets the hint too (the reference: yes; the tiny demo: no)."""
     import gradio as gr
 
     from cldm.pipeline import CannyParams, read_image
@@ -63,6 +64,7 @@ def make_process(pipe: Canny2Image) -> Callable[..., list]:
         params = CannyParams(
             prompt=prompt or "", a_prompt=a_prompt or "", n_prompt=n_prompt or "", num_samples=int(num_samples),
             image_resolution=int(image_resolution), ddim_steps=int(ddim_steps), guess_mode=bool(guess_mode),
+            uncond_hint=uncond_hint,
             strength=float(strength), scale=float(scale), seed=int(seed), eta=float(eta or 0.0),
             low_threshold=int(low_threshold), high_threshold=int(high_threshold),
         )  # fmt: skip
@@ -125,7 +127,7 @@ def build_page(
                                      format="png")  # fmt: skip
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
                   strength, scale, seed, eta, low_threshold, high_threshold]  # fmt: skip
-        run_button.click(fn=make_process(pipe), inputs=inputs, outputs=[gallery], concurrency_limit=1)
+        run_button.click(fn=make_process(pipe, d.uncond_hint), inputs=inputs, outputs=[gallery], concurrency_limit=1)
     page.queue(default_concurrency_limit=1)
     return page
 

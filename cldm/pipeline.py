@@ -31,6 +31,10 @@ DEMO_CKPT = REPO / "models" / "control_tiny_circles.ckpt"
 DEMO_IMAGE = REPO / "test_imgs" / "disc.png"
 DEMO_PROMPT = "red circle with blue background"
 DEMO_COLORS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black")
+# The tiny demo samples with the hint in the conditional pass only, at guidance 5: its control then follows the
+# outline (held-out IoU 0.85 vs 0.73 with the reference demo's hint in both passes at 9; tools/measure_control.py).
+DEMO_SCALE = 5.0
+DEMO_UNCOND_HINT = False
 DEMO_RECIPE = "python tools/make_tiny_demo.py"
 CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/blob/main/models/control_sd15_canny.pth"
 MAX_SEED = 2**31 - 1
@@ -50,6 +54,7 @@ class CannyParams:
     image_resolution: int = 512
     ddim_steps: int = 20
     guess_mode: bool = False
+    uncond_hint: bool = True  # the hint also in the unconditional pass (the reference); off in guess mode
     strength: float = 1.0
     scale: float = 9.0
     seed: int = -1
@@ -90,8 +95,10 @@ class CannyParams:
 
 
 def demo_params(**overrides: object) -> CannyParams:
-    """The tiny circle demo's settings: prompts as it was trained (no added or negative prompt), 64 px."""
-    settings: dict = {"prompt": DEMO_PROMPT, "a_prompt": "", "n_prompt": "", "image_resolution": 64}
+    """The tiny circle demo's settings: prompts as it was trained (no added or negative prompt), 64 px, guidance
+    ``DEMO_SCALE`` with the hint in the conditional pass only (as measured by the recipe)."""
+    settings: dict = {"prompt": DEMO_PROMPT, "a_prompt": "", "n_prompt": "", "image_resolution": 64,
+                      "scale": DEMO_SCALE, "uncond_hint": DEMO_UNCOND_HINT}  # fmt: skip
     return CannyParams(**{**settings, **overrides})
 
 
@@ -221,7 +228,7 @@ class Canny2Image:
         model = self.model
         cond = {"c_concat": [control], "c_crossattn": [model.get_learned_conditioning([params.full_prompt()] * n)]}
         un_cond = {
-            "c_concat": None if params.guess_mode else [control],
+            "c_concat": [control] if params.uncond_hint and not params.guess_mode else None,
             "c_crossattn": [model.get_learned_conditioning([params.n_prompt] * n)],
         }
         self._done_with(model.cond_stage_model)

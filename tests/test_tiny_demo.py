@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cldm.model import create_model, load_model, load_state_dict, model_config
-from cldm.pipeline import DEMO_CKPT, DEMO_COLORS
+from cldm.pipeline import DEMO_CKPT, DEMO_COLORS, Canny2Image, CannyParams, demo_params
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY_CONFIG, V15_CONFIG
 from tools.make_fill50k import COLORS, make_fill50k, make_sample, sample_rng
@@ -132,7 +132,10 @@ def test_shipped_demo_matches_its_recorded_measurement(tmp_path: Path) -> None:
     make_fill50k(tmp_path, 20, 64, seed=1, colors=DEMO_COLORS, radius_range=RADIUS_RANGE)
     conditions = load_conditions(tmp_path)
     model = load_model(TINY_CONFIG, DEMO_CKPT)
-    result = score(generate(model, conditions, control=True, steps=20, scale=9.0), conditions)
+    model.control_scales = [recorded.get("strength", 1.0)] * 13
+    images = generate(model, conditions, control=True, steps=20, scale=recorded["scale"],
+                      uncond_hint=recorded.get("uncond_hint", True))  # fmt: skip
+    result = score(images, conditions)
     assert abs(result["iou"] - trained["iou"]) < 0.15
     assert abs(result["color_accuracy"] - trained["color_accuracy"]) < 0.3
     assert recorded["base"]["iou"] <= 0.3 and result["iou"] > recorded["base"]["iou"] + 0.3  # it follows the outline
@@ -149,3 +152,23 @@ def test_measure_control_flag_errors(
     assert measure_main(["--data", str(tmp_path), *(a.format(tmp=tmp_path) for a in extra)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
+
+
+def test_demo_samples_with_the_hint_in_the_conditional_pass_only(tiny_ckpt: Path, monkeypatch) -> None:
+    """The demo's settings leave the hint out of the unconditional pass (the reference's default keeps it)."""
+    pipe = Canny2Image(load_model(TINY_CONFIG, tiny_ckpt), torch.device("cpu"))
+    seen, real = [], pipe.sampler.sample
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(kwargs["unconditional_conditioning"]["c_concat"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.sampler, "sample", spy)
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[16:48, 16:48] = 255
+    demo = demo_params(ddim_steps=2, seed=1)
+    assert demo.scale == 5.0 and not demo.uncond_hint
+    without, _ = pipe(image, demo, progress=False)
+    with_hint, _ = pipe(image, CannyParams(**{**demo.to_dict(), "uncond_hint": True}), progress=False)
+    assert seen[0] is None and seen[1] is not None and seen[1][0].shape == (1, 3, 64, 64)
+    assert without[1].shape == with_hint[1].shape == (64, 64, 3)

@@ -114,17 +114,21 @@ def score(images: np.ndarray, conditions: list[Condition], palette: tuple[str, .
 @torch.no_grad()
 def generate(
     model: Any, conditions: list[Condition], control: bool, steps: int = 20, scale: float = 9.0, seed: int = 0,
-    batch_size: int = 50,
+    batch_size: int = 50, uncond_hint: bool = True,
 ) -> np.ndarray:  # fmt: skip
     """(N, H, W, 3) uint8 images, DDIM with classifier-free guidance ("" as the unconditional prompt).
 
-    ``control``: the model is a ControlLDM and gets each condition's hint (also in the unconditional pass,
-    as the reference demo); otherwise it is the base LatentDiffusion and sees the prompt only. Sample ``i``
-    starts from the noise of ``(seed, i)``, so a model and its base start from the same noise.
+    ``control``: the model is a ControlLDM and gets each condition's hint, also in the unconditional pass (as
+    the reference demo) unless ``uncond_hint`` is False (as the reference's guess mode: guidance then amplifies
+    the control's effect with the prompt's); otherwise it is the base LatentDiffusion and sees the prompt only
+    (run with the same batching of the two passes, so a ControlNet at init reproduces it exactly).
+    Sample ``i`` starts from the noise of ``(seed, i)``, so a model and its base start from the same noise.
     """
     from ldm.models.diffusion.ddim import DDIMSampler
 
-    sampler = DDIMSampler(model)
+    # Without the hint in the unconditional pass the two passes cannot share one batch; the base model then runs
+    # them apart too, so the ControlNet at init (zero control) gives its images bit for bit.
+    sampler = DDIMSampler(model, batch_cfg=uncond_hint)
     out = []
     for start in range(0, len(conditions), batch_size):
         chunk = conditions[start : start + batch_size]
@@ -138,7 +142,8 @@ def generate(
         cond, uncond = {"c_crossattn": [c_txt]}, {"c_crossattn": [u_txt]}
         if control:
             hint = torch.from_numpy(np.stack([c.hint for c in chunk])).permute(0, 3, 1, 2).contiguous()
-            cond["c_concat"] = uncond["c_concat"] = [hint]
+            cond["c_concat"] = [hint]
+            uncond["c_concat"] = [hint] if uncond_hint else None
         samples, _ = sampler.sample(steps, n, shape, cond, verbose=False, unconditional_guidance_scale=scale,
                                     unconditional_conditioning=uncond, x_T=noise, progress=False)  # fmt: skip
         images = model.decode_first_stage(samples).permute(0, 2, 3, 1) * 127.5 + 127.5
@@ -189,11 +194,12 @@ def plot_curve(points: list[tuple[int, float]], path: str | Path, title: str = "
 def measure(
     config: str | Path, conditions: list[Condition], base: str | None = None, ckpts: tuple[str, ...] = (),
     curve: str | None = None, curve_init: str | None = None, steps: int = 20, scale: float = 9.0, seed: int = 0,
-    progress: bool = True, strength: float = 1.0,
+    progress: bool = True, strength: float = 1.0, uncond_hint: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Score the base model and each ControlNet checkpoint; returns the JSON-ready results. ``curve``: a
     folder of ``step=N.ckpt`` files, scored in step order, after ``curve_init`` (the ControlNet at init) as
-    step 0 when given. ``strength``: the control scale of every block (the demo's Control Strength)."""
+    step 0 when given. ``strength``: the control scale of every block (the demo's Control Strength);
+    ``uncond_hint``: see :func:`generate`."""
     from cldm.cldm import control_scales_for
     from cldm.model import load_model
 
@@ -201,11 +207,12 @@ def measure(
         model = load_model(config, path, base=not control)
         if control:
             model.control_scales = control_scales_for(strength, guess_mode=False)
-        images = generate(model, conditions, control=control, steps=steps, scale=scale, seed=seed)
+        images = generate(model, conditions, control=control, steps=steps, scale=scale, seed=seed,
+                          uncond_hint=uncond_hint)  # fmt: skip
         return images, summary(score(images, conditions))
 
     results: dict[str, Any] = {"n": len(conditions), "ddim_steps": steps, "scale": scale, "strength": strength,
-                               "seed": seed}  # fmt: skip
+                               "uncond_hint": uncond_hint, "seed": seed}  # fmt: skip
     base_images = None
     if base is not None:
         base_images, scores = run(base, control=False)
@@ -256,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
     p.add_argument("--scale", type=float, default=9.0, help="guidance scale (default: %(default)s)")
     p.add_argument("--strength", type=float, default=1.0, help="control strength (default: %(default)s)")
+    p.add_argument("--uncond-hint", action=argparse.BooleanOptionalAction, default=True,
+                   help="give the hint to the unconditional pass too, as the reference demo (default); "
+                        "--no-uncond-hint: the conditional pass only, as the reference's guess mode")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -273,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         conditions = load_conditions(args.data, args.n)
         results = measure(args.config, conditions, args.base, tuple(args.ckpt), curve=args.curve,
                           curve_init=args.curve_init, steps=args.ddim_steps, scale=args.scale,
-                          seed=args.seed, strength=args.strength)  # fmt: skip
+                          seed=args.seed, strength=args.strength, uncond_hint=args.uncond_hint)  # fmt: skip
     except (ValueError, OSError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
