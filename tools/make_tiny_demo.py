@@ -39,6 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cldm.pipeline import DEMO_SCALE, DEMO_UNCOND_HINT  # noqa: E402
+
 RADIUS_RANGE = (10 / 64, 20 / 64)  # of the 64 px side: radius 10..20 px
 RESOLUTION = 64
 
@@ -59,15 +61,17 @@ class Recipe:
     n_train: int = 20000
     n_heldout: int = 100
     vae: Stage = Stage(steps=1500, batch=8, lr=1e-3)
-    base: Stage = Stage(steps=3000, batch=32, lr=8e-4)
+    base: Stage = Stage(steps=4500, batch=32, lr=8e-4)
     base_empty_prompt_prob: float = 0.1
     ema_decay: float = 0.999
-    control: Stage = Stage(steps=4000, batch=16, lr=3e-4)
+    control: Stage = Stage(steps=2750, batch=16, lr=3e-4)
     control_hint_init: str = "kaiming"  # tool_add_control.py --hint-init (the reference init learns far slower)
     control_ckpt_every: int = 250
     curve_heldout: int = 50  # held-out conditions scored per saved step (the final model: all)
     measure_ddim_steps: int = 20
-    measure_scale: float = 9.0
+    measure_scale: float = DEMO_SCALE  # the demo's sampling (cldm.pipeline): the hint in the conditional pass only
+    measure_strength: float = 1.0
+    measure_uncond_hint: bool = DEMO_UNCOND_HINT
 
     @classmethod
     def quick(cls) -> Recipe:
@@ -309,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
 
     conditions = load_conditions(heldout)
     with timed(work, "measure"):
-        results = measure(config, conditions, base=str(base), ckpts=(str(init), str(trained)),
-                          steps=recipe.measure_ddim_steps, scale=recipe.measure_scale)  # fmt: skip
+        sampling = {"steps": recipe.measure_ddim_steps, "scale": recipe.measure_scale,
+                    "strength": recipe.measure_strength, "uncond_hint": recipe.measure_uncond_hint}  # fmt: skip
+        results = measure(config, conditions, base=str(base), ckpts=(str(init), str(trained)), **sampling)
         results["curve"] = measure(config, conditions[:recipe.curve_heldout], curve=str(ckpt_dir), curve_init=str(init),
-                                   steps=recipe.measure_ddim_steps, scale=recipe.measure_scale)["curve"]  # fmt: skip
+                                   **sampling)["curve"]  # fmt: skip
     results["curve_n"] = recipe.curve_heldout
     if results["controlnet"][0]["max_abs_diff_to_base"] != 0:
         raise RuntimeError("the ControlNet at init does not reproduce the base model exactly")
