@@ -192,6 +192,7 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
         image = model.decode_first_stage(samples)
     result["decode_s"] = time.perf_counter() - decode_start
     result["whole_s"] = time.perf_counter() - start
+    result["peak_rss_gb"] = peak_rss_gb()  # load, sampling and decode; not the FLOP count below
     result["step_s"] = _step_times(start, stamps)
     if path.compile:
         use_path(model, "fast")  # FLOPs counted in eager mode: the same operations
@@ -247,6 +248,7 @@ def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -
         image = vae.decode(x / 0.18215).sample
     result["decode_s"] = time.perf_counter() - decode_start
     result["whole_s"] = time.perf_counter() - start
+    result["peak_rss_gb"] = peak_rss_gb()  # load, sampling and decode; not the FLOP count below
     result["step_s"] = _step_times(start, stamps)
     with torch.no_grad():
         result["flops_per_step"] = count_flops(lambda: eps(inputs["x_T"], torch.tensor(501)))
@@ -275,7 +277,6 @@ def worker(args: argparse.Namespace) -> int:
         result = run_diffusers(args.ckpt, inputs, args.steps, args.profile)
     else:
         result = run_project(args.worker, args.ckpt, inputs, args.steps, args.profile)
-    result["peak_rss_gb"] = peak_rss_gb()
     image = ((result.pop("image")[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     torch.save({"result": result, "image": image}, args.worker_out)
     return 0
