@@ -1,10 +1,10 @@
 """Inference paths: the project's fast default and the reference's schedule of work, as switches of one code.
 
-``fast``: SDPA attention (the CPU flash kernel), 3×3 convolutions by Winograd's F(2×2, 3×3) (2.25x fewer
-multiplies; same result up to float rounding), the ControlNet hint encoded once per run, the
-conditional and unconditional passes batched with the work before the first cross-attention done once
-for both, and the VAE decoder's activations in channels-last layout
-(NCHW makes oneDNN copy full-resolution activations; the weights stay as mapped).
+``fast``: SDPA attention (the CPU flash kernel), 3×3 convolutions by Winograd's F(4×4, 3×3) or F(2×2, 3×3)
+(4x or 2.25x fewer multiplies, by the layer's pixel count; same result up to float rounding), the ControlNet
+hint encoded once per run, the conditional and unconditional passes batched with the work before the first
+cross-attention done once for both, and the VAE decoder's activations in channels-last layout (NCHW makes
+oneDNN copy full-resolution activations; the weights stay as mapped).
 ``channels_last`` for the whole model is a further switch (no faster for the UNet on the 2-core AVX2
 machine, and converting memory-mapped weights costs RAM).
 ``reference``: plain softmax attention, direct convolutions, the hint re-encoded at every step, separate
@@ -31,7 +31,7 @@ from ldm.modules.winograd import set_conv_algorithm
 @dataclass(frozen=True)
 class InferencePath:
     attention: str = "sdpa"
-    conv: str = "winograd"  # 3x3 convolutions: "winograd" (F(2x2, 3x3), ldm/modules/winograd.py) or "direct"
+    conv: str = "winograd"  # 3x3 convolutions: "winograd" (F(4x4) / F(2x2), ldm/modules/winograd.py) or "direct"
     reuse_hint: bool = True
     batch_cfg: bool = True
     share_prefix: bool = True

@@ -1,4 +1,5 @@
-"""Winograd F(2x2, 3x3) convolutions equal the direct ones; the fast path uses them, the reference path does not."""
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions equal the direct ones; the fast path uses them, the reference
+path does not."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import torch.nn.functional as F
 import ldm.modules.winograd as winograd
 from cldm.inference import use_path
 from cldm.model import load_model
-from ldm.modules.winograd import Conv2d, filter_transform, set_conv_algorithm, winograd_conv3x3
+from ldm.modules.winograd import Conv2d, filter_transform, set_conv_algorithm, winograd_conv3x3, winograd_tile
 from tests.conftest import TINY_CONFIG
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 16, 16), (1, 32, 7, 9), (3, 40, 1, 1), (1, 33, 2, 5)])
+@pytest.mark.parametrize("shape", [(2, 64, 16, 16), (1, 32, 7, 9), (3, 40, 1, 1), (1, 33, 2, 5), (1, 32, 6, 10)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_winograd_equals_direct_convolution(shape: tuple[int, ...], channels_last: bool, bias: bool) -> None:
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_equals_direct_convolution(shape: tuple[int, ...], channels_last: bool, bias: bool, tile: int) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g)
     if channels_last:
@@ -25,20 +27,35 @@ def test_winograd_equals_direct_convolution(shape: tuple[int, ...], channels_las
     w = torch.randn(48, shape[1], 3, 3, generator=g) / (9 * shape[1]) ** 0.5
     b = torch.randn(48, generator=g) if bias else None
     exact = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
-    y = winograd_conv3x3(x, w, b)
+    y = winograd_conv3x3(x, w, b, tile)
     assert y.shape == exact.shape and y.dtype == torch.float32
-    assert (y.double() - exact).abs().max() < 1e-5
+    assert (y.double() - exact).abs().max() < (1e-5 if tile == 2 else 5e-5)  # direct float32: ~1e-5
     layout = torch.channels_last if channels_last and shape[2] * shape[3] > 1 else torch.contiguous_format
     assert y.is_contiguous(memory_format=layout)
 
 
-def test_filter_transform_is_g_w_gt() -> None:
+G_TILE = {  # Lavin & Gray's filter transforms
+    2: [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+    4: [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_filter_transform_is_g_w_gt(tile: int) -> None:
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
-    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-    u = filter_transform(w)
-    assert u.shape == (16, 5, 3)
-    expected = torch.einsum("ae,oief,bf->aboi", g, w, g).reshape(16, 5, 3)
+    g = torch.tensor(G_TILE[tile], dtype=torch.float64)
+    size = (tile + 2) ** 2
+    u = filter_transform(w, tile)
+    assert u.shape == (size, 5, 3)
+    expected = torch.einsum("ae,oief,bf->aboi", g, w, g).reshape(size, 5, 3)
     assert torch.allclose(u, expected)
+
+
+def test_tile_size_follows_pixel_count() -> None:
+    assert [winograd_tile(p) for p in (128, 511, 512, 2047, 2048, 8192)] == [0, 0, 2, 2, 4, 4]
+    with pytest.raises(ValueError, match="tile must be 2 or 4"):
+        winograd_conv3x3(torch.randn(1, 32, 8, 8), torch.randn(32, 32, 3, 3), tile=3)
 
 
 def test_conv2d_keeps_keys_and_switches_algorithm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,18 +63,23 @@ def test_conv2d_keeps_keys_and_switches_algorithm(monkeypatch: pytest.MonkeyPatc
     assert list(conv.state_dict()) == list(nn.Conv2d(32, 32, 3, padding=1).state_dict())
     calls = []
     real = winograd.winograd_conv3x3
-    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(winograd, "winograd_conv3x3", lambda *a: calls.append(a[-1]) or real(*a))
     x = torch.randn(2, 32, 16, 16)
+    big = torch.randn(2, 32, 32, 32)
     with torch.no_grad():
         direct = conv(x)
+        direct_big = conv(big)
         assert set_conv_algorithm(conv, "winograd") == 1
         fast = conv(x)
-        assert calls == [1]
+        assert calls == [2]  # 512 pixels: F(2x2, 3x3)
+        fast_big = conv(big)
+        assert calls == [2, 4]  # 2048 pixels: F(4x4, 3x3)
         conv(torch.randn(1, 32, 8, 8))  # 64 pixels < MIN_PIXELS: direct
-        assert calls == [1]
+        assert calls == [2, 4]
     conv(x).sum().backward()  # recording gradients: the direct kernel (training is unchanged)
-    assert calls == [1] and conv.weight.grad is not None
+    assert calls == [2, 4] and conv.weight.grad is not None
     assert (direct - fast).abs().max() < 1e-5
+    assert (direct_big - fast_big).abs().max() < 5e-5
     assert set_conv_algorithm(Conv2d(32, 32, 3, stride=2, padding=1), "winograd") == 0
     assert set_conv_algorithm(Conv2d(3, 32, 3, padding=1), "winograd") == 0  # the RGB stem: too few channels
     with pytest.raises(ValueError, match="unknown convolution algorithm"):
