@@ -266,12 +266,12 @@ def worker(args: argparse.Namespace) -> int:
     """One path in this process; writes its figures (and the decoded image) to ``args.worker_out``."""
     import torch
 
-    from ldm.device import return_freed_memory
+    from ldm.device import tune_allocator
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.worker == "low-memory":  # as the scripts do with --low-memory
-        return_freed_memory()
+    if args.worker in ("fast", "low-memory", "compiled"):  # as the scripts do; reference and diffusers: glibc's default
+        tune_allocator(args.worker == "low-memory")
     inputs = torch.load(args.inputs, weights_only=True)
     if args.worker == "diffusers":
         result = run_diffusers(args.ckpt, inputs, args.steps, args.profile)

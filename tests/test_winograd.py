@@ -53,7 +53,7 @@ def test_filter_transform_is_g_w_gt(tile: int) -> None:
 
 
 def test_tile_size_follows_pixel_count() -> None:
-    assert [winograd_tile(p) for p in (128, 511, 512, 2047, 2048, 8192)] == [0, 0, 2, 2, 4, 4]
+    assert [winograd_tile(p) for p in (128, 511, 512, 1023, 1024, 8192)] == [0, 0, 2, 2, 4, 4]
     with pytest.raises(ValueError, match="tile must be 2 or 4"):
         winograd_conv3x3(torch.randn(1, 32, 8, 8), torch.randn(32, 32, 3, 3), tile=3)
 
@@ -100,3 +100,18 @@ def test_fast_path_runs_winograd_and_reference_does_not(tiny_ckpt, monkeypatch: 
         fast = model.decode_first_stage(x)
     assert len(calls) > 0
     assert (fast - reference).abs().max() < 1e-4
+
+
+def test_direct_layers_convert_the_smaller_operand() -> None:
+    """oneDNN converts whichever operand's layout differs: channels-last inputs of 3x3 layers with larger weights go
+    to NCHW (SD's 8x8 level), large channels-last activations and 1x1 layers are left as they are."""
+    w3, w1 = torch.randn(64, 64, 3, 3), torch.randn(64, 64, 1, 1)
+    small = torch.randn(1, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+    large = torch.randn(1, 64, 48, 48).contiguous(memory_format=torch.channels_last)
+    assert winograd._layout_of_weight(small, w3).is_contiguous()
+    assert not winograd._layout_of_weight(large, w3).is_contiguous()
+    assert not winograd._layout_of_weight(small, w1).is_contiguous()
+    conv = Conv2d(64, 64, 3, padding=1)
+    set_conv_algorithm(conv, "winograd")
+    with torch.no_grad():
+        assert (conv(small) - F.conv2d(small, conv.weight, conv.bias, padding=1)).abs().max() < 1e-5

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 CONV_ALGORITHMS = ("direct", "winograd")
 MIN_CHANNELS = 32  # below this the transforms cost more than the multiplies they save (the RGB stems)
 # The filter transform reads every weight and writes (m+2)^2 / 9 times as much per call; it pays off only
-# when the batch has enough pixels (N * H * W) to share it. Measured on SD's layers at 2 threads: at 512 px
-# (the 1280-channel 16x16 level, batch 2) F(2x2) beats direct and F(4x4); at 128 px (8x8) direct wins; from
-# 2048 px (32x32, batch 2) F(4x4) is fastest.
+# when the batch has enough pixels (N * H * W) to share it. Measured on SD's layers at 2 threads: at 128 px
+# (the 1280-channel 8x8 level, batch 2) direct is as fast or faster; at 512 px (16x16, batch 2) F(2x2) is
+# 1.4x direct and F(4x4) level with it (slower with glibc's default allocator); from 1024 px F(4x4) is fastest.
 MIN_PIXELS = 512
-MIN_PIXELS_TILE4 = 2048
+MIN_PIXELS_TILE4 = 1024
 
 Tensors = Sequence[torch.Tensor]
 Outs = Sequence[torch.Tensor] | None
@@ -133,6 +133,16 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _layout_of_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` in NCHW if it is channels-last, the (NCHW) weight is larger and has a spatial extent: oneDNN
+    converts whichever operand's layout differs on every call, so convert the smaller one (at SD's 8x8
+    level: 0.16 M activations instead of 14.7 M weights)."""
+    if (weight.shape[-1] * weight.shape[-2] > 1 and weight.numel() > x.numel() and weight.is_contiguous()
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):  # fmt: skip
+        return x.contiguous()
+    return x
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` whose stride-1, padding-1 3×3 case can run as :func:`winograd_conv3x3` (``algorithm``)."""
 
@@ -145,10 +155,11 @@ class Conv2d(nn.Conv2d):
                 and min(self.in_channels, self.out_channels) >= MIN_CHANNELS)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.algorithm == "winograd" and not torch.is_grad_enabled() and x.dim() == 4 and self.winograd_applies():
-            tile = winograd_tile(x.shape[0] * x.shape[2] * x.shape[3])
+        if self.algorithm == "winograd" and not torch.is_grad_enabled() and x.dim() == 4:
+            tile = winograd_tile(x.shape[0] * x.shape[2] * x.shape[3]) if self.winograd_applies() else 0
             if tile:
                 return winograd_conv3x3(x, self.weight, self.bias, tile)
+            x = _layout_of_weight(x, self.weight)
         return super().forward(x)
 
 
