@@ -80,7 +80,7 @@ def use_path(model: torch.nn.Module, path: InferencePath | str) -> DDIMSampler:
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """The scripts' shared flags ``--low-memory`` and ``--compile`` (read back with :func:`path_from_args`)."""
     parser.add_argument("--low-memory", action="store_true",
-                        help="hold the weights in bfloat16 (half the RAM), compute in float32")
+                        help="hold the weights in bfloat16 (half the RAM), compute in float32; slower steps")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet and ControlNet (inductor; the first image compiles for minutes)")
 
