@@ -11,7 +11,14 @@ import torch.nn.functional as F
 import ldm.modules.winograd as winograd
 from cldm.inference import use_path
 from cldm.model import load_model
-from ldm.modules.winograd import Conv2d, filter_transform, set_conv_algorithm, winograd_conv3x3, winograd_tile
+from ldm.modules.winograd import (
+    Conv2d,
+    filter_transform,
+    set_conv_algorithm,
+    unfold_conv3x3,
+    winograd_conv3x3,
+    winograd_tile,
+)
 from tests.conftest import TINY_CONFIG
 
 
@@ -115,3 +122,31 @@ def test_direct_layers_convert_the_smaller_operand() -> None:
     set_conv_algorithm(conv, "winograd")
     with torch.no_grad():
         assert (conv(small) - F.conv2d(small, conv.weight, conv.bias, padding=1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_unfold_convolution_equals_direct(channels_last: bool, bias: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 4, 3, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(48, 64, 3, 3, generator=g) / 24
+    b = torch.randn(48, generator=g) if bias else None
+    exact = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    y = unfold_conv3x3(x, w, b)
+    assert y.shape == exact.shape and (y.double() - exact).abs().max() < 1e-5
+
+
+def test_smallest_batches_take_the_unfold_convolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = Conv2d(32, 32, 3, padding=1)
+    set_conv_algorithm(conv, "winograd")
+    calls = []
+    real = winograd.unfold_conv3x3
+    monkeypatch.setattr(winograd, "unfold_conv3x3", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        small = torch.randn(2, 32, 4, 4)  # 32 pixels
+        y = conv(small)
+        conv(torch.randn(2, 32, 8, 8))  # 128 pixels: direct
+    assert calls == [(2, 32, 4, 4)]
+    assert (y - F.conv2d(small, conv.weight, conv.bias, padding=1)).abs().max() < 1e-5
