@@ -1,0 +1,51 @@
+"""Same seed, same image: the pipeline's images equal those the code gave before the renovation (issue 16).
+
+The PNGs in tests/data/golden were written at commit 1b8e034 by ``Canny2Image`` with the settings below, for
+the shipped tiny demo and for tiny random weights (``make_random_checkpoint(cldm_tiny.yaml, seed=0,
+fill_zeros_std=0.05)``), on the fast and the reference path, in normal and guess mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cldm.model import make_random_checkpoint
+from cldm.pipeline import Canny2Image, CannyParams, read_image
+from tests.conftest import REPO, TINY_CONFIG
+
+GOLDEN = REPO / "tests" / "data" / "golden"
+CASES = {
+    "demo": (REPO / "test_imgs" / "disc.png",
+             dict(prompt="red circle with blue background", a_prompt="", n_prompt="", image_resolution=64,
+                  scale=5.0, uncond_hint=False, ddim_steps=10, seed=7, num_samples=2)),
+    "random": (REPO / "test_imgs" / "astronaut.png",
+               dict(prompt="an astronaut", image_resolution=128, ddim_steps=4, seed=3, num_samples=2)),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("golden") / "tiny_random.ckpt"
+    make_random_checkpoint(TINY_CONFIG, path, seed=0, fill_zeros_std=0.05)
+    return path
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_images_equal_the_saved_ones(name: str, path: str, random_ckpt: Path) -> None:
+    ckpt = REPO / "models" / "control_tiny_circles.ckpt" if name == "demo" else random_ckpt
+    image, settings = CASES[name]
+    pipe = Canny2Image.from_checkpoint(TINY_CONFIG, ckpt, torch.device("cpu"), path=path)
+    for mode in ("normal", "guess"):
+        params = CannyParams(**settings, guess_mode=mode == "guess", strength=0.9 if mode == "guess" else 1.0)
+        results, _ = pipe(read_image(image), params, progress=False)
+        for i, got in enumerate(results[1:]):
+            want = np.array(Image.open(GOLDEN / f"{name}_{path}_{mode}_{i}.png"))
+            assert got.shape == want.shape
+            assert np.array_equal(got, want), f"{name} {path} {mode} sample {i}: max diff " \
+                f"{np.abs(got.astype(int) - want).max()}"
