@@ -26,8 +26,9 @@ DEFAULT_PROMPT = "an astronaut in a white space suit, best quality"
 
 def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
-    from cldm.pipeline import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, DEMO_SCALE, CannyParams
+    from cldm.pipeline import CannyParams
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
+    from share import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, DEMO_SCALE
 
     d = CannyParams()
     p = argparse.ArgumentParser(description="Canny edge map -> image with Stable Diffusion 1.5 + ControlNet.")
@@ -75,8 +76,9 @@ def save_png(array: np.ndarray, path: Path) -> None:
 
 def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
     """``(CannyParams, input image path)``: the flags given, the rest from the model's defaults
-    (the reference demo's for SD1.5, :func:`cldm.pipeline.demo_params` for the tiny demo)."""
-    from cldm.pipeline import DEMO_IMAGE, CannyParams, demo_params
+    (the reference demo's for SD1.5, :func:`share.demo_params` for the tiny demo)."""
+    from cldm.pipeline import CannyParams
+    from share import DEMO_IMAGE, demo_params
 
     base = demo_params() if demo else CannyParams(prompt=DEFAULT_PROMPT)
     given = {name: getattr(args, name) for name in ("prompt", "a_prompt", "n_prompt", "image_resolution", "scale",
@@ -93,8 +95,9 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
 
 def run(args: argparse.Namespace) -> int:
     from cldm.inference import path_from_args
-    from cldm.pipeline import Canny2Image, choose_model, read_image
+    from cldm.pipeline import Canny2Image, read_image
     from ldm.device import resolve_device, set_threads, tune_allocator
+    from share import choose_model
 
     try:
         choice = choose_model(args.ckpt, args.config, args.demo)

@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from cldm.inference import path_from_args
-    from cldm.pipeline import DEMO_IMAGE, Canny2Image, CannyParams, choose_model, demo_params, describe_demo
+    from cldm.pipeline import Canny2Image, CannyParams
     from ldm.device import resolve_device, set_threads, tune_allocator
+    from share import DEMO_IMAGE, choose_model, demo_params, describe_demo
 
     try:
         choice = choose_model(args.ckpt, args.config, args.demo)

@@ -158,24 +158,24 @@ def kernel_breakdown(step: Any) -> list[dict]:
 def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: bool = False) -> dict:
     import torch
 
-    from cldm.inference import get_path, use_path
+    from cldm.control import Control
+    from cldm.guidance import CFGDenoiser
+    from cldm.inference import use_path
     from cldm.model import load_model, release_mapped_weights
+    from ldm.models.diffusion.sampling import sample_ddim
     from ldm.modules.winograd import set_conv_algorithm
 
     start = time.perf_counter()
     model = load_model(CONFIG, ckpt, low_memory=path_name == "low-memory")
     result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    path = get_path("fast" if path_name == "low-memory" else path_name)
-    sampler = use_path(model, path)
-    cond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["c"]]}
-    uncond = {"c_concat": [inputs["hint"]], "c_crossattn": [inputs["uc"]]}
-    shape = tuple(inputs["x_T"].shape[1:])
+    path = use_path(model, "fast" if path_name == "low-memory" else path_name)
+    control = Control(model.control_model, inputs["hint"], cache=path.reuse_hint)
+    denoise = CFGDenoiser(model, inputs["c"], inputs["uc"], SCALE, [control], batch_cfg=path.batch_cfg)
     stamps: list[float] = []
 
     def sample(n: int) -> torch.Tensor:
-        return sampler.sample(n, 1, shape, cond, verbose=False, x_T=inputs["x_T"].clone(),
-                              unconditional_guidance_scale=SCALE, unconditional_conditioning=uncond,
-                              callback=lambda i: stamps.append(time.perf_counter()), progress=False)[0]  # fmt: skip
+        return sample_ddim(denoise, inputs["x_T"].clone(), model.alphas_cumprod, n, progress=False,
+                           callback=lambda i, x, x0: stamps.append(time.perf_counter()))  # fmt: skip
 
     if path.compile:  # compiled on a one-step run of the same shapes, outside the timings
         start = time.perf_counter()
@@ -194,12 +194,9 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     result["whole_s"] = time.perf_counter() - start
     result["peak_rss_gb"] = peak_rss_gb()  # load, sampling and decode; not the FLOP count below
     result["step_s"] = _step_times(start, stamps)
-    if path.compile:
-        use_path(model, "fast")  # FLOPs counted in eager mode: the same operations
     t = torch.full((1,), 501, dtype=torch.long)
-    with torch.no_grad():
-        prepared = (model.prepare_conditioning(cond), model.prepare_conditioning(uncond))
-        one_step = lambda: sampler.predict_eps(inputs["x_T"], prepared[0], t, SCALE, prepared[1])  # noqa: E731
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # FLOPs of the same operations, run eagerly
+        one_step = lambda: denoise(inputs["x_T"], t)  # noqa: E731
         result["flops_per_step"] = count_flops(one_step)
         if profile:
             result["kernels"] = kernel_breakdown(one_step)

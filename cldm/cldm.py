@@ -7,12 +7,13 @@ Keys and behaviour match the reference ``cldm/cldm.py``: ``control_model.input_h
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from cldm.control import Control, control_residuals
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.openaimodel import (
     TimestepEmbedSequential,
@@ -21,18 +22,8 @@ from ldm.modules.diffusionmodules.openaimodel import (
     build_encoder,
     embed_time,
 )
-from ldm.modules.diffusionmodules.util import conv_nd, match_batch, zero_module
+from ldm.modules.diffusionmodules.util import conv_nd, zero_module
 from ldm.util import instantiate_from_config
-
-GUESS_MODE_DECAY = 0.825
-
-
-def control_scales_for(strength: float, guess_mode: bool, n: int = 13) -> list[float]:
-    """Per-block control scales: ``strength`` everywhere, or the reference's guess-mode ramp
-    ``strength * 0.825 ** (12 - i)`` (deep blocks strong, shallow blocks weak)."""
-    if guess_mode:
-        return [strength * GUESS_MODE_DECAY ** float(n - 1 - i) for i in range(n)]
-    return [strength] * n
 
 
 class ControlledUnetModel(UNetModel):
@@ -47,7 +38,9 @@ class ControlledUnetModel(UNetModel):
         only_mid_control: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """x [B, 4, h, w]; control: 13 residuals (12 skips then middle), or None -> eps [B, 4, h, w]."""
+        """x [B, 4, h, w], timesteps [B], context [B, 77, D]; control: 13 ControlNet residuals (the 12 skips' then
+        the middle block's, each of its block's shape; see ``cldm.control.control_residuals``) or None -> eps
+        [B, 4, h, w]."""
         control = list(control) if control is not None else None
         hs = []
         with torch.no_grad():
@@ -58,14 +51,12 @@ class ControlledUnetModel(UNetModel):
                 hs.append(h)
             h = self.middle_block(h, emb, context)
         if control is not None:
-            h, mid = match_batch(h, control.pop())
-            h = h + mid
+            h = h + control.pop()
         for module in self.output_blocks:
             skip = hs.pop()
             if control is not None and not only_mid_control:
-                skip, residual = match_batch(skip, control.pop())
-                skip = skip + residual
-            h = module(torch.cat(match_batch(h, skip), dim=1), emb, context)
+                skip = skip + control.pop()
+            h = module(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h.type(x.dtype))
 
 
@@ -135,8 +126,7 @@ class ControlNet(nn.Module):
         for i, (module, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = module(h, emb, context)
             if i == 0:
-                h, guided = match_batch(h, guided_hint)
-                h = h + guided
+                h = h + guided_hint
             outs.append(zero_conv(h, emb, context))
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h, emb, context))
@@ -167,8 +157,9 @@ def kaiming_init_hint_encoder(control: ControlNet) -> int:
 class ControlLDM(LatentDiffusion):
     """Latent diffusion with a ControlNet branch.
 
-    ``cond`` dicts follow the reference: ``{"c_crossattn": [text emb], "c_concat": [hint] or None}``;
-    a ``"c_guided_hint"`` entry (see :meth:`prepare_conditioning`) skips re-encoding the hint.
+    ``cond`` dicts follow the reference: ``{"c_crossattn": [text emb], "c_concat": [hint] or None}``. The control
+    of a sampling run is an argument (:class:`cldm.control.Control`, given to :meth:`apply_model`); for the
+    reference API, a ``c_concat`` hint without it is applied with ``control_scales`` (13 floats, default 1.0).
     """
 
     def __init__(
@@ -252,30 +243,28 @@ class ControlLDM(LatentDiffusion):
         log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = self.decode_first_stage(samples)
         return log
 
-    def prepare_conditioning(self, cond: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Return ``cond`` with the hint encoded once (``c_guided_hint``), for a whole sampling run."""
-        if not isinstance(cond, dict) or cond.get("c_concat") is None or "c_guided_hint" in cond:
-            return cond
-        hint = torch.cat(cond["c_concat"], 1)
-        return {**cond, "c_guided_hint": self.control_model.encode_hint(hint)}
+    def controls_from_cond(self, cond: Mapping[str, Any]) -> list[Control]:
+        """The reference API's control: the ``c_concat`` hint at ``control_scales``, encoded at every call (as the
+        reference's ``apply_model`` does, also when training); no control for a missing or None ``c_concat``."""
+        if cond.get("c_concat") is None:
+            return []
+        return [Control(self.control_model, torch.cat(cond["c_concat"], 1), self.control_scales, cache=False)]
 
     def apply_model(
-        self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], *args: Any, **kwargs: Any
-    ) -> torch.Tensor:
-        """eps prediction [B, 4, h, w] of the locked UNet plus the scaled ControlNet residuals."""
-        if not isinstance(cond, dict):
-            raise TypeError("ControlLDM.apply_model expects a cond dict with 'c_crossattn' and 'c_concat'")
-        diffusion_model = self.model.diffusion_model
-        cond_txt = torch.cat(cond["c_crossattn"], 1)
-        if cond.get("c_concat") is None:
-            return diffusion_model(x=x_noisy, timesteps=t, context=cond_txt, control=None,
-                                   only_mid_control=self.only_mid_control)  # fmt: skip
-        hint = torch.cat(cond["c_concat"], 1)
-        control = self.control_model(x=x_noisy, hint=hint, timesteps=t, context=cond_txt,
-                                     guided_hint=cond.get("c_guided_hint"))  # fmt: skip
-        control = [c * scale for c, scale in zip(control, self.control_scales)]
-        return diffusion_model(x=x_noisy, timesteps=t, context=cond_txt, control=control,
-                               only_mid_control=self.only_mid_control)  # fmt: skip
+        self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any], *args: Any,
+        controls: Sequence[Control] | None = None, **kwargs: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        """eps [B, 4, h, w] of the locked UNet plus the summed residuals of ``controls`` (default: the reference's,
+        :meth:`controls_from_cond`). x_noisy [B, 4, h, w], t [B], cond ``{"c_crossattn": [text [B, 77, D]], ...}``.
+        Raises ``TypeError`` when ``cond`` is not a dict."""
+        if not isinstance(cond, Mapping):
+            raise TypeError("ControlLDM.apply_model expects a cond dict with 'c_crossattn' (and 'c_concat')")
+        context = torch.cat(cond["c_crossattn"], 1)
+        if controls is None:
+            controls = self.controls_from_cond(cond)
+        control = control_residuals(controls, x_noisy, t, context)
+        return self.model.diffusion_model(x=x_noisy, timesteps=t, context=context, control=control,
+                                          only_mid_control=self.only_mid_control)  # fmt: skip
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, n: int) -> torch.Tensor:

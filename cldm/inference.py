@@ -1,29 +1,28 @@
-"""Inference paths: the project's fast default and the reference's schedule of work, as switches of one code.
+"""Inference paths: the project's fast default and the reference's schedule of work, as public switches of one code.
 
-``fast``: SDPA attention (the CPU flash kernel), 3×3 convolutions by Winograd's F(4×4, 3×3) or F(2×2, 3×3)
-(4x or 2.25x fewer multiplies, by the layer's pixel count; same result up to float rounding), the ControlNet
-hint encoded once per run, the conditional and unconditional passes batched with the work before the first
-cross-attention done once for both, and the VAE decoder's activations in channels-last layout (NCHW makes
-oneDNN copy full-resolution activations; the weights stay as mapped).
-``channels_last`` for the whole model is a further switch (no faster for the UNet on the 2-core AVX2
-machine, and converting memory-mapped weights costs RAM).
+``fast`` (what every entry point gets: the layers' and samplers' defaults): SDPA attention (the CPU flash kernel),
+3x3 convolutions by Winograd's F(4x4, 3x3) or F(2x2, 3x3) (fewer multiplies, same result up to float rounding;
+``ldm/modules/winograd.py``), the ControlNet hint encoded once per run, the conditional and unconditional passes in
+one batch, and the VAE decoder's activations in channels-last layout.
+``channels_last`` for the whole model is a further switch (off: converting memory-mapped weights costs RAM).
 ``reference``: plain softmax attention, direct convolutions, the hint re-encoded at every step, separate
 conditional and unconditional passes (what ``cldm/ddim_hacked.py`` does), the whole model kept in RAM.
 Both give the same images up to float rounding. ``page_out`` (fast): the pipeline drops each stage's
-memory-mapped weights from RAM once the stage is done (text encoder, then UNet + ControlNet before the VAE
-decode), so the peak holds one stage's weights, not all of them.
+memory-mapped weights from RAM once the stage is done (``ldm.memory.release_mapped_weights``).
 ``compiled`` (opt-in, ``--compile``): the fast path with the UNet and ControlNet under ``torch.compile``
-(inductor; needs a C++ compiler). The first sampling run compiles for minutes on a 2-core CPU.
+(inductor; needs a C++ compiler; the first sampling run compiles for minutes). Compiling is one-way: a compiled
+model cannot be switched back to an eager path (load it again).
+Figures: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.attention import set_attention_backend
 from ldm.modules.winograd import set_conv_algorithm
 
@@ -34,19 +33,18 @@ class InferencePath:
     conv: str = "winograd"  # 3x3 convolutions: "winograd" (F(4x4) / F(2x2), ldm/modules/winograd.py) or "direct"
     reuse_hint: bool = True
     batch_cfg: bool = True
-    share_prefix: bool = True
     channels_last: bool = False
-    vae_channels_last: bool = False
+    vae_channels_last: bool = True
     page_out: bool = True  # callers drop each stage's memory-mapped weights once used (release_mapped_weights)
-    compile: str | None = None  # torch.compile backend for the UNet and the ControlNet (None: eager)
+    compile: str | Callable | None = None  # torch.compile backend for the UNet and the ControlNet (None: eager)
 
 
-FAST = InferencePath(vae_channels_last=True)
+FAST = InferencePath()
 PATHS = {
     "fast": FAST,
     "compiled": replace(FAST, compile="inductor"),
-    "reference": InferencePath(attention="math", conv="direct", reuse_hint=False, batch_cfg=False, share_prefix=False,
-                               page_out=False),  # fmt: skip
+    "reference": InferencePath(attention="math", conv="direct", reuse_hint=False, batch_cfg=False,
+                               vae_channels_last=False, page_out=False),  # fmt: skip
 }
 
 
@@ -59,22 +57,24 @@ def get_path(path: InferencePath | str) -> InferencePath:
     return PATHS[path]
 
 
-def use_path(model: torch.nn.Module, path: InferencePath | str) -> DDIMSampler:
-    """Switch ``model`` to ``path`` (attention kernel, convolution algorithm, memory format); returns a sampler
-    that follows it."""
+def use_path(model: torch.nn.Module, path: InferencePath | str) -> InferencePath:
+    """Switch ``model`` to ``path`` (attention kernel, convolution algorithm, memory formats, compilation) and record
+    it as ``model.inference_path``, which ``DDIMSampler`` and the pipeline follow (hint reuse, batched guidance).
+    Returns the path. Raises ``ValueError`` for an unknown path name, or to leave a compiled path."""
     path = get_path(path)
+    current = getattr(model, "inference_path", None)
+    if current is not None and current.compile and path.compile != current.compile:
+        raise ValueError("a compiled model cannot be switched to another path: load it again")
     set_attention_backend(model, path.attention)
     set_conv_algorithm(model, path.conv)
     model.to(memory_format=torch.channels_last if path.channels_last else torch.contiguous_format)
     model.decode_channels_last = path.vae_channels_last
-    for module in (model.model.diffusion_model, getattr(model, "control_model", None)):
-        if module is None:
-            continue
-        if path.compile:
-            module.compile(backend=path.compile)  # in place: state-dict keys unchanged
-        else:
-            module._compiled_call_impl = None  # what nn.Module.compile set: back to eager
-    return DDIMSampler(model, reuse_hint=path.reuse_hint, batch_cfg=path.batch_cfg, share_prefix=path.share_prefix)
+    if path.compile and not (current is not None and current.compile):
+        for module in (model.model.diffusion_model, getattr(model, "control_model", None)):
+            if module is not None:
+                module.compile(backend=path.compile)  # in place: state-dict keys unchanged
+    model.inference_path = path
+    return path
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:

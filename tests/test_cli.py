@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import cpu_canny2image
-from cldm.pipeline import DEFAULT_CKPT, DEMO_COLORS, CannyParams
+from cldm.pipeline import CannyParams
+from share import DEFAULT_CKPT, DEMO_COLORS
 from tests.conftest import REPO, TINY_CONFIG, with_flags
 from tools.make_fill50k import COLORS
 from tools.measure_control import nearest_color, segment

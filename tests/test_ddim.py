@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.sampling import SAMPLERS, sampling_steps
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 
 
@@ -36,8 +38,9 @@ def test_batched_guidance_equals_separate_passes(tiny_model: torch.nn.Module) ->
     hint = torch.rand(2, 3, 64, 64, generator=g)
     c = {"c_concat": [hint], "c_crossattn": [model.get_learned_conditioning(["a", "b"])]}
     uc = {"c_concat": [hint], "c_crossattn": [model.get_learned_conditioning(["", ""])]}
-    sampler = DDIMSampler(model)
-    batched = sampler.predict_eps(x, c, t, 9.0, uc)
+    denoise = DDIMSampler(model).denoiser(c, uc, 9.0)
+    assert denoise.controls == denoise.uncond_controls and len(denoise.controls) == 1  # the same hint: one control
+    batched = denoise(x, t)
     separate = model.apply_model(x, t, uc) + 9.0 * (model.apply_model(x, t, c) - model.apply_model(x, t, uc))
     # The random tiny net amplifies float rounding ~100x (a 1e-6 input change moves eps by ~3e-4), and
     # guidance scales that by 9; swapping cond/uncond would move the result by ~2.8, so 1e-2 is decisive.
@@ -57,3 +60,35 @@ def test_sample_shapes_and_intermediates(tiny_model: torch.nn.Module) -> None:
     assert steps == [0, 1, 2, 3]
     assert len(inter["x_inter"]) == len(inter["pred_x0"]) >= 2
     assert model.decode_first_stage(samples).shape == (1, 3, 64, 64)
+
+
+def test_unsupported_reference_parameters_are_named(tiny_model: torch.nn.Module) -> None:
+    cond = {"c_concat": None, "c_crossattn": [tiny_model.get_learned_conditioning(["x"])]}
+    with pytest.raises(NotImplementedError, match="mask, x0"):
+        DDIMSampler(tiny_model).sample(2, 1, (4, 8, 8), cond, mask=torch.ones(1), x0=torch.ones(1), progress=False)
+    with pytest.raises(ValueError, match="schedule 'cosine'"):
+        DDIMSampler(tiny_model, schedule="cosine")
+
+
+@torch.no_grad()
+def test_sampler_registry_runs_ddim_over_any_denoiser() -> None:
+    """A sampler is a function over ``denoise(x, t, step, steps)``: with a denoiser that predicts the noise a
+    clean x0 = 0.5 was mixed with, DDIM (eta 0) predicts x0 at every step and ends at sqrt(a_0) x0 + sqrt(1 - a_0)
+    eps (the reference's last step goes to alphas_cumprod[0], not 1)."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    acp = torch.tensor(np.cumprod(1 - betas), dtype=torch.float32)
+    calls: list[tuple[int, int]] = []
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, step: int, steps: int) -> torch.Tensor:
+        calls.append((step, steps))
+        a = acp[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * 0.5) / (1 - a).sqrt()
+
+    x_T = torch.randn(2, 4, 8, 8)
+    pred: list[torch.Tensor] = []
+    x = SAMPLERS["ddim"](denoise, x_T, acp, 10, callback=lambda i, x, x0: pred.append(x0), progress=False)
+    assert calls == [(i, 10) for i in range(10)] and len(pred) == 10
+    assert all((p - 0.5).abs().max() < 1e-4 for p in pred)
+    eps = (x_T - acp[901].sqrt() * 0.5) / (1 - acp[901]).sqrt()  # first step t = 901; eps stays constant
+    assert torch.allclose(x, acp[0].sqrt() * 0.5 + (1 - acp[0]).sqrt() * eps, atol=1e-4)
+    assert sampling_steps("ddim", 30) == 31

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.diffusers_port import convert_to_diffusers
+from cldm.control import Control
 from cldm.model import create_model, fill_zero_parameters
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
@@ -109,14 +110,9 @@ def diffusers_eps(converted: dict, inputs: dict, t: torch.Tensor, scale: float |
 
 
 def project_eps(ldm: torch.nn.Module, inputs: dict, t: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """The project's ``apply_model`` with all 13 control scales set to ``scale`` (no hint for ``scale=None``)."""
-    hint = None if scale is None else [inputs["hint"]]
-    saved = ldm.control_scales
-    ldm.control_scales = [1.0 if scale is None else scale] * 13
-    try:
-        return ldm.apply_model(inputs["x"], t, {"c_concat": hint, "c_crossattn": [inputs["context"]]})
-    finally:
-        ldm.control_scales = saved
+    """The project's ``apply_model`` with one control at ``scale`` on all 13 blocks (no control for None)."""
+    controls = [] if scale is None else [Control(ldm.control_model, inputs["hint"], [scale] * 13)]
+    return ldm.apply_model(inputs["x"], t, {"c_crossattn": [inputs["context"]]}, controls=controls)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,12 @@
 The PNGs in tests/data/golden were written at commit 1b8e034 by ``Canny2Image`` with the settings below, for
 the shipped tiny demo and for tiny random weights (``make_random_checkpoint(cldm_tiny.yaml, seed=0,
 fill_zeros_std=0.05)``), on the fast and the reference path, in normal and guess mode.
+
+The renovation removed the fast path's shared-prefix trick (the guidance halves' work before the first
+cross-attention done once; a same-process A/B at 512 px measured no saving). Where the old code batched the two
+halves (random weights, normal mode) that trick changed float rounding, so those images are compared with the old
+code's images without it (``*_unshared_*.png``, written at 1b8e034 with ``share_prefix=False``): still exactly,
+and with the trick's images within 1/255 on at most 0.1% of the values.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ def test_images_equal_the_saved_ones(name: str, path: str, random_ckpt: Path) ->
         results, _ = pipe(read_image(image), params, progress=False)
         for i, got in enumerate(results[1:]):
             want = np.array(Image.open(GOLDEN / f"{name}_{path}_{mode}_{i}.png"))
+            unshared = GOLDEN / f"{name}_{path}_{mode}_unshared_{i}.png"
+            if unshared.is_file():
+                diff = np.abs(got.astype(int) - want)
+                assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
+                want = np.array(Image.open(unshared))
             assert got.shape == want.shape
             assert np.array_equal(got, want), f"{name} {path} {mode} sample {i}: max diff " \
                 f"{np.abs(got.astype(int) - want).max()}"

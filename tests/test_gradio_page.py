@@ -18,7 +18,8 @@ import torch
 gr = pytest.importorskip("gradio")
 
 import gradio_canny2image  # noqa: E402
-from cldm.pipeline import DEFAULT_CKPT, DEMO_IMAGE, DEMO_PROMPT, Canny2Image  # noqa: E402
+from cldm.pipeline import Canny2Image  # noqa: E402
+from share import DEFAULT_CKPT, DEMO_IMAGE, DEMO_PROMPT  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")

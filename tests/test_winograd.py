@@ -68,6 +68,8 @@ def test_tile_size_follows_pixel_count() -> None:
 def test_conv2d_keeps_keys_and_switches_algorithm(monkeypatch: pytest.MonkeyPatch) -> None:
     conv = Conv2d(32, 32, 3, padding=1)
     assert list(conv.state_dict()) == list(nn.Conv2d(32, 32, 3, padding=1).state_dict())
+    assert conv.algorithm == "winograd"  # the fast path is the default
+    assert set_conv_algorithm(conv, "direct") == 1
     calls = []
     real = winograd.winograd_conv3x3
     monkeypatch.setattr(winograd, "winograd_conv3x3", lambda *a: calls.append(a[-1]) or real(*a))

@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cldm.pipeline import DEMO_SCALE, DEMO_UNCOND_HINT  # noqa: E402
+from share import DEMO_SCALE, DEMO_UNCOND_HINT  # noqa: E402
 
 RADIUS_RANGE = (10 / 64, 20 / 64)  # of the 64 px side: radius 10..20 px
 RESOLUTION = 64
@@ -102,7 +102,7 @@ def timed(work: Path, stage: str, resumable: bool = False) -> Iterator[None]:
 
 def make_data(work: Path, recipe: Recipe) -> tuple[Path, Path]:
     """Training and held-out folders (fill50k layout), made once."""
-    from cldm.pipeline import DEMO_COLORS
+    from share import DEMO_COLORS
     from tools.make_fill50k import make_fill50k
 
     sets = {work / "train": (recipe.n_train, 0), work / "heldout": (recipe.n_heldout, 1)}

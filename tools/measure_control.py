@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cldm.pipeline import DEMO_COLORS, repo_relative  # noqa: E402
+from share import DEMO_COLORS, repo_relative  # noqa: E402
 from tools.make_fill50k import COLORS  # noqa: E402
 
 PROMPT = re.compile(r"^(?P<circle>.+) circle with (?P<background>.+) background$")
@@ -114,7 +114,7 @@ def score(images: np.ndarray, conditions: list[Condition], palette: tuple[str, .
 @torch.no_grad()
 def generate(
     model: Any, conditions: list[Condition], control: bool, steps: int = 20, scale: float = 9.0, seed: int = 0,
-    batch_size: int = 50, uncond_hint: bool = True,
+    batch_size: int = 50, uncond_hint: bool = True, strength: float = 1.0,
 ) -> np.ndarray:  # fmt: skip
     """(N, H, W, 3) uint8 images, DDIM with classifier-free guidance ("" as the unconditional prompt).
 
@@ -123,12 +123,12 @@ def generate(
     the control's effect with the prompt's); otherwise it is the base LatentDiffusion and sees the prompt only
     (run with the same batching of the two passes, so a ControlNet at init reproduces it exactly).
     Sample ``i`` starts from the noise of ``(seed, i)``, so a model and its base start from the same noise.
+    ``strength``: the control scale of every block.
     """
-    from ldm.models.diffusion.ddim import DDIMSampler
+    from cldm.control import Control, control_scales_for
+    from cldm.guidance import CFGDenoiser
+    from ldm.models.diffusion.sampling import sample_ddim
 
-    # Without the hint in the unconditional pass the two passes cannot share one batch; the base model then runs
-    # them apart too, so the ControlNet at init (zero control) gives its images bit for bit.
-    sampler = DDIMSampler(model, batch_cfg=uncond_hint)
     out = []
     for start in range(0, len(conditions), batch_size):
         chunk = conditions[start : start + batch_size]
@@ -139,13 +139,14 @@ def generate(
                              for i in range(n)])  # fmt: skip
         c_txt = model.get_learned_conditioning([c.prompt for c in chunk])
         u_txt = model.get_learned_conditioning([""] * n)
-        cond, uncond = {"c_crossattn": [c_txt]}, {"c_crossattn": [u_txt]}
+        controls = []
         if control:
             hint = torch.from_numpy(np.stack([c.hint for c in chunk])).permute(0, 3, 1, 2).contiguous()
-            cond["c_concat"] = [hint]
-            uncond["c_concat"] = [hint] if uncond_hint else None
-        samples, _ = sampler.sample(steps, n, shape, cond, verbose=False, unconditional_guidance_scale=scale,
-                                    unconditional_conditioning=uncond, x_T=noise, progress=False)  # fmt: skip
+            controls = [Control(model.control_model, hint, control_scales_for(strength, False), uncond=uncond_hint)]
+        # Without the hint in the unconditional pass the two passes cannot share one batch; the base model then
+        # runs them apart too, so the ControlNet at init (zero control) gives its images bit for bit.
+        denoise = CFGDenoiser(model, c_txt, u_txt, scale, controls, batch_cfg=uncond_hint)
+        samples = sample_ddim(denoise, noise, model.alphas_cumprod, steps, progress=False)
         images = model.decode_first_stage(samples).permute(0, 2, 3, 1) * 127.5 + 127.5
         out.append(images.clamp(0, 255).round().to(torch.uint8).numpy())
     return np.concatenate(out)
@@ -200,15 +201,12 @@ def measure(
     folder of ``step=N.ckpt`` files, scored in step order, after ``curve_init`` (the ControlNet at init) as
     step 0 when given. ``strength``: the control scale of every block (the demo's Control Strength);
     ``uncond_hint``: see :func:`generate`."""
-    from cldm.cldm import control_scales_for
     from cldm.model import load_model
 
     def run(path: str | Path, control: bool) -> tuple[np.ndarray, dict]:
         model = load_model(config, path, base=not control)
-        if control:
-            model.control_scales = control_scales_for(strength, guess_mode=False)
         images = generate(model, conditions, control=control, steps=steps, scale=scale, seed=seed,
-                          uncond_hint=uncond_hint)  # fmt: skip
+                          uncond_hint=uncond_hint, strength=strength)  # fmt: skip
         return images, summary(score(images, conditions))
 
     results: dict[str, Any] = {"n": len(conditions), "ddim_steps": steps, "scale": scale, "strength": strength,

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.util import checkpoint, expand_batch, zero_module
+from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 
 ATTENTION_BACKENDS = ("sdpa", "math")
 
@@ -122,11 +122,7 @@ class BasicTransformerBlock(nn.Module):
         return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if context is not None and self.disable_self_attn:
-            x = expand_batch(x, context.shape[0])
         x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
-        if context is not None:
-            x = expand_batch(x, context.shape[0])  # rows shared by a CFG batch's halves end here
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -197,4 +193,4 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + expand_batch(x_in, x.shape[0])
+        return x + x_in

@@ -7,10 +7,10 @@ direct convolution up to float rounding: max abs error to a float64 reference on
 m = 2 and ~2e-5 for m = 4, against ~1e-5 for the direct float32 kernel.
 
 :class:`Conv2d` is ``nn.Conv2d`` (same parameters and state-dict keys) with an ``algorithm`` switch:
-``"direct"`` (default) or ``"winograd"``, which it uses for stride-1, padding-1, 3×3 convolutions when no
-gradient is recorded, with the tile size chosen by the batch's pixel count (:func:`winograd_tile`); the
-smallest batches (a few pixels) run as one matrix multiply over unfolded patches (:func:`unfold_conv3x3`)
-instead. Set it on a whole model with :func:`set_conv_algorithm`.
+``"winograd"`` (default, the fast path) or ``"direct"`` (the reference's kernel). Winograd is used for stride-1,
+padding-1, 3×3 convolutions when no gradient is recorded, with the tile size chosen by the batch's pixel count
+(:func:`winograd_tile`); the smallest batches (a few pixels) run as one matrix multiply over unfolded patches
+(:func:`unfold_conv3x3`) instead. Set it on a whole model with :func:`set_conv_algorithm`.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` whose stride-1, padding-1 3×3 case can run as :func:`winograd_conv3x3`, or for the smallest
     batches :func:`unfold_conv3x3` (``algorithm`` "winograd"; "direct": always oneDNN's kernel)."""
 
-    algorithm: str = "direct"
+    algorithm: str = "winograd"  # the fast path's default; "direct" for the reference's schedule
 
     def winograd_applies(self) -> bool:
         """Whether this layer's shape suits Winograd (3×3, stride 1, padding 1, no groups or dilation)."""

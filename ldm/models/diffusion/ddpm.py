@@ -7,7 +7,7 @@ buffers the reference checkpoints carry.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -256,7 +256,7 @@ class LatentDiffusion(DDPM):
         self.cond_stage_trainable = cond_stage_trainable
         self.scale_factor = scale_factor
         self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
-        self.decode_channels_last = False  # set by cldm.inference.use_path
+        self.decode_channels_last = True  # a public switch (the fast path's default), set by cldm.inference.use_path
         self.cond_stage_model = self._frozen(instantiate_from_config(cond_stage_config))
 
     @staticmethod
@@ -301,7 +301,13 @@ class LatentDiffusion(DDPM):
             z = z.contiguous(memory_format=torch.channels_last)  # activations stay channels-last through the decoder
         return self.first_stage_model.decode(z)
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    def apply_model(
+        self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, controls: Sequence[Any] = ()
+    ) -> torch.Tensor:
+        """eps [B, 4, h, w] for x_noisy [B, 4, h, w] at t [B]; ``cond``: a text context [B, 77, D], a list of them,
+        or ``{"c_crossattn": [...]}``. ``ValueError`` for ``controls``: this model has no ControlNet."""
+        if controls:
+            raise ValueError("this model has no ControlNet (a LatentDiffusion config): it takes no controls")
         if not isinstance(cond, dict):
             cond = {"c_crossattn": cond if isinstance(cond, list) else [cond]}
         return self.model(x_noisy, t, c_crossattn=cond["c_crossattn"])

@@ -19,9 +19,7 @@ from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
     conv_nd,
-    expand_batch,
     linear,
-    match_batch,
     normalization,
     timestep_embedding,
     zero_module,
@@ -146,7 +144,7 @@ class ResBlock(TimestepBlock):
             x = self.x_upd(x)
         else:
             h = self.in_layers(x)
-        emb_out = expand_batch(self.emb_layers(emb).type(h.dtype), h.shape[0])
+        emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *((1,) * (h.dim() - emb_out.dim())))
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
@@ -387,5 +385,5 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
-            h = module(torch.cat(match_batch(h, hs.pop()), dim=1), emb, context)
+            h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h.type(x.dtype))

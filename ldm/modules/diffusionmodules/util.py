@@ -121,25 +121,6 @@ def checkpoint(func: Callable[..., Any], inputs: tuple, params: Any, flag: bool)
     return func(*inputs)
 
 
-def expand_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """x [b, ...] tiled to [batch, ...] (``batch`` a multiple of b); x itself when it has ``batch`` rows.
-
-    A CFG batch whose halves share x and t runs its first blocks once, on b rows, up to the first layer
-    that reads the (2b-row) text context; from there on the shared rows are tiled to match it.
-    """
-    if x.shape[0] == batch:
-        return x
-    if batch % x.shape[0]:
-        raise ValueError(f"cannot tile a batch of {x.shape[0]} to {batch}")
-    return x.repeat(batch // x.shape[0], *([1] * (x.dim() - 1)))
-
-
-def match_batch(*xs: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors tiled (:func:`expand_batch`) to the largest batch among them."""
-    batch = max(x.shape[0] for x in xs)
-    return [expand_batch(x, batch) for x in xs]
-
-
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: tuple) -> torch.Tensor:
     """Gather ``a[t]`` and shape it [B, 1, 1, ...] to broadcast against ``x_shape``."""
     out = a.gather(-1, t)
