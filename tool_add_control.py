@@ -55,7 +55,6 @@ def summarize(keys: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(REPO))
     from cldm.cldm import HINT_INITS, kaiming_init_hint_encoder
 
     parser = argparse.ArgumentParser(description="SD checkpoint -> initial ControlNet checkpoint.")

@@ -73,7 +73,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.init_ckpt}: initial checkpoint not found (make it with tool_add_control.py)")
     if args.webdataset is None and not (Path(args.data) / "prompt.json").is_file():
         raise ValueError(f"{Path(args.data) / 'prompt.json'}: training data not found "
-                         "(make it with tools/make_fill50k.py, or pass --webdataset)")  # fmt: skip
+                         "(make it with python -m tools.make_fill50k, or pass --webdataset)")  # fmt: skip
 
 
 def resume_path(args: argparse.Namespace, ckpt_dir: Path) -> str | None:
@@ -144,7 +144,6 @@ def build_trainer(args: argparse.Namespace, ckpt_dir: Path, callbacks: list | No
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
-    sys.path.insert(0, str(REPO))
     args = build_parser().parse_args(argv)
     ckpt_dir = Path(args.ckpt_dir or Path(args.log_dir) / "checkpoints")
     try:

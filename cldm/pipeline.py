@@ -35,7 +35,7 @@ DEMO_COLORS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "bl
 # outline (held-out IoU 0.894 vs 0.800 with the reference demo's hint in both passes at 9; README, tiny demo).
 DEMO_SCALE = 5.0
 DEMO_UNCOND_HINT = False
-DEMO_RECIPE = "python tools/make_tiny_demo.py"
+DEMO_RECIPE = "python -m tools.make_tiny_demo"
 CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/blob/main/models/control_sd15_canny.pth"
 MAX_SEED = 2**31 - 1
 

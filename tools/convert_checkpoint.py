@@ -1,6 +1,6 @@
 """Rewrite a checkpoint with its weights in another precision (keys unchanged; the schedule stays float32).
 
-    python tools/convert_checkpoint.py models/control_sd15_canny.pth models/control_sd15_canny_bf16.safetensors
+    python -m tools.convert_checkpoint models/control_sd15_canny.pth models/control_sd15_canny_bf16.safetensors
 
 A bfloat16 copy (2.9 GB for SD1.5 + ControlNet) is what ``--low-memory`` maps straight into the
 model, so loading touches half the bytes of the float32 file.
@@ -12,11 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from cldm.model import CheckpointError, cast_weights, load_state_dict, save_checkpoint  # noqa: E402
+from cldm.model import CheckpointError, cast_weights, load_state_dict, save_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -1,8 +1,8 @@
 """Train the built-in demo from scratch on the CPU: a tiny Stable-Diffusion-style model that draws colored
 circles, then a ControlNet on it that makes the circle follow an outline.
 
-    python tools/make_tiny_demo.py            # the shipped recipe (seeded; see README for its time)
-    python tools/make_tiny_demo.py --quick    # a few steps of every stage, to check the plumbing
+    python -m tools.make_tiny_demo            # the shipped recipe (seeded; see README for its time)
+    python -m tools.make_tiny_demo --quick    # a few steps of every stage, to check the plumbing
 
 Stages, each writing into ``--work`` (default ``training/tiny_demo``):
 
@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from cldm.pipeline import DEMO_SCALE, DEMO_UNCOND_HINT
 
-from cldm.pipeline import DEMO_SCALE, DEMO_UNCOND_HINT  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RADIUS_RANGE = (10 / 64, 20 / 64)  # of the 64 px side: radius 10..20 px
 RESOLUTION = 64
