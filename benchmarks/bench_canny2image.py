@@ -77,11 +77,12 @@ def ensure_bf16_copy(ckpt: Path, out: Path) -> None:
     """The bfloat16 checkpoint the low-memory path maps (written once)."""
     if out.is_file():
         return
-    from tools.convert_checkpoint import main as convert
+    import torch
+
+    from tools.convert_checkpoint import convert_checkpoint
 
     print(f"writing the bfloat16 copy {out} (once) ...", file=sys.stderr)
-    if convert([str(ckpt), str(out), "--dtype", "bf16"]) != 0:
-        raise RuntimeError(f"could not write {out}")
+    convert_checkpoint(ckpt, out, torch.bfloat16)
 
 
 def make_inputs(ckpt: Path, resolution: int, out: Path) -> None:

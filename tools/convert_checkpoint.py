@@ -19,6 +19,16 @@ from cldm.model import CheckpointError, cast_weights, load_state_dict, save_chec
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Write the weights of checkpoint ``src`` to ``dst`` (replaced if it exists) with every floating tensor in
+    ``dtype`` except the diffusion schedule buffers (float32); keys unchanged. ``.safetensors`` for that suffix,
+    else a torch pickle. Returns the state dict written. Raises ``CheckpointError`` for an unreadable ``src`` and
+    ``OSError`` when ``dst`` cannot be written."""
+    state_dict = cast_weights(load_state_dict(src), dtype)
+    save_checkpoint(state_dict, dst)
+    return state_dict
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("input", help="checkpoint to read (.ckpt/.pth/.safetensors)")
@@ -28,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if Path(args.output).exists():
             raise ValueError(f"{args.output}: output file already exists")
-        dtype = DTYPES[args.dtype]
-        state_dict = cast_weights(load_state_dict(args.input), dtype)
-        save_checkpoint(state_dict, args.output)
+        state_dict = convert_checkpoint(args.input, args.output, DTYPES[args.dtype])
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
