@@ -214,8 +214,8 @@ def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -
     from diffusers import DDIMScheduler
     from omegaconf import OmegaConf
 
-    from benchmarks.diffusers_port import convert_to_diffusers
     from cldm.model import load_state_dict
+    from tests.diffusers_port import convert_to_diffusers
 
     start = time.perf_counter()
     original = OmegaConf.to_container(OmegaConf.load(CONFIG), resolve=True)
