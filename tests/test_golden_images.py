@@ -35,6 +35,7 @@ def random_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["fast", "reference"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_images_equal_the_saved_ones(name: str, path: str, random_ckpt: Path) -> None:

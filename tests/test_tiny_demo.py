@@ -99,6 +99,7 @@ def test_calibrated_autoencoder_is_deterministic_with_sd_spread() -> None:
     assert float(posterior.std.max()) < 1e-6
 
 
+@pytest.mark.slow
 def test_quick_recipe_runs_every_stage(tmp_path: Path) -> None:
     """The recipe's plumbing at a few steps: data, VAE, base, tool_add_control, tutorial_train, checks, ship."""
     ship, plot = tmp_path / "demo.ckpt", tmp_path / "iou.png"
@@ -121,6 +122,7 @@ def test_quick_recipe_runs_every_stage(tmp_path: Path) -> None:
         assert torch.equal(trained[key], value), key
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEMO_CKPT.is_file(), reason="the shipped demo checkpoint is missing")
 def test_shipped_demo_matches_its_recorded_measurement(tmp_path: Path) -> None:
     """The shipped demo, re-measured on the first 20 of the recipe's held-out circles, scores as its JSON says
@@ -154,6 +156,7 @@ def test_measure_control_flag_errors(
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
 
 
+@pytest.mark.slow
 def test_demo_samples_with_the_hint_in_the_conditional_pass_only(tiny_ckpt: Path, monkeypatch) -> None:
     """The demo's settings leave the hint out of the unconditional pass (the reference's default keeps it)."""
     pipe = Canny2Image(load_model(TINY_CONFIG, tiny_ckpt), torch.device("cpu"))
