@@ -136,7 +136,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(REPO))
     args = build_parser().parse_args(argv)
     return run(args)
 

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
     from cldm.pipeline import Canny2Image, CannyParams
 
-REPO = Path(__file__).resolve().parent
 TITLE = "Control Stable Diffusion with Canny Edge Maps"
 
 
@@ -133,7 +132,6 @@ def build_page(
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(REPO))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
     try:

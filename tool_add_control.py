@@ -54,21 +54,47 @@ def summarize(keys: list[str]) -> str:
     return ", ".join(f"{name} ({n})" for name, n in groups.items())
 
 
+def make_control_checkpoint(
+    input_path: str | Path, output_path: str | Path, config: str | Path, seed: int = 0, hint_init: str = "reference"
+) -> tuple[list[str], list[str]]:
+    """Write the initial ControlNet checkpoint of SD checkpoint ``input_path`` to ``output_path`` (replaced if it
+    exists): the ControlLDM of ``config`` with every weight the SD checkpoint has, the ControlNet's encoder copied
+    from the UNet's; the rest freshly initialised from ``seed`` (hint convs by ``hint_init``, one of
+    ``cldm.cldm.HINT_INITS``; zero convs at zero). Returns ``(copied ControlNet keys, newly initialised keys)``.
+    Raises ``CheckpointError`` for an unreadable input, ``ValueError`` when a shape differs (wrong config) or
+    the input has no UNet weights, ``OSError`` when the output cannot be written."""
+    from cldm.cldm import kaiming_init_hint_encoder
+    from cldm.model import create_model, load_state_dict, save_checkpoint
+
+    pretrained = load_state_dict(input_path)
+    torch.manual_seed(seed)
+    model = create_model(config)
+    if hint_init == "kaiming":
+        kaiming_init_hint_encoder(model.control_model)
+    target, new = add_control(model.state_dict(), pretrained)
+    copied = [k for k in target if k.startswith("control_model.") and k not in new]
+    if not copied:
+        raise ValueError(f"{input_path}: no model.diffusion_model.* weights to copy (not an SD checkpoint?)")
+    model.load_state_dict(target, strict=True)
+    save_checkpoint(model.state_dict(), output_path)
+    return copied, new
+
+
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(REPO))
-    from cldm.cldm import HINT_INITS, kaiming_init_hint_encoder
+    from cldm.cldm import HINT_INITS
 
     parser = argparse.ArgumentParser(description="SD checkpoint -> initial ControlNet checkpoint.")
     parser.add_argument("input_path", help="Stable Diffusion checkpoint (.ckpt/.pth/.safetensors, ldm layout)")
     parser.add_argument("output_path", help="ControlNet checkpoint to write (must not exist)")
-    parser.add_argument("--config", default=str(REPO / "models" / "cldm_v15.yaml"), help="ControlLDM config")
+    parser.add_argument("--config", default=str(REPO / "models" / "cldm_v15.yaml"),
+                        help="ControlLDM config (default: the repo's models/cldm_v15.yaml)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the fresh hint-encoder weights")
     parser.add_argument("--hint-init", choices=HINT_INITS, default="reference",
                         help="hint-encoder init: the reference's (PyTorch default) or kaiming (scale-keeping; "
                              "control is learnt in far fewer steps)")  # fmt: skip
     args = parser.parse_args(argv)
 
-    from cldm.model import CheckpointError, create_model, load_state_dict, save_checkpoint
+    from cldm.model import CheckpointError
 
     out = Path(args.output_path)
     try:
@@ -76,17 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{out}: output file already exists")
         if not out.parent.is_dir():
             raise ValueError(f"{out.parent}: output directory does not exist")
-        pretrained = load_state_dict(args.input_path)
-        torch.manual_seed(args.seed)
-        model = create_model(args.config)
-        if args.hint_init == "kaiming":
-            kaiming_init_hint_encoder(model.control_model)
-        target, new = add_control(model.state_dict(), pretrained)
-        copied = [k for k in target if k.startswith("control_model.") and k not in new]
-        if not copied:
-            raise ValueError(f"{args.input_path}: no model.diffusion_model.* weights to copy (not an SD checkpoint?)")
-        model.load_state_dict(target, strict=True)
-        save_checkpoint(model.state_dict(), out)
+        copied, new = make_control_checkpoint(args.input_path, out, args.config, args.seed, args.hint_init)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

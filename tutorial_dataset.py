@@ -1,6 +1,6 @@
 """The reference's tutorial dataset: fill50k from ``./training/fill50k`` (see ``tools/make_fill50k.py``).
 
-    python tools/make_fill50k.py --out training/fill50k --n 50000
+    python -m tools.make_fill50k --out training/fill50k --n 50000
     python tutorial_dataset.py
 """
 
@@ -24,7 +24,7 @@ def main() -> int:
         dataset = MyDataset()
         item = dataset[0]
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err} (create it with: python tools/make_fill50k.py --out training/fill50k)", file=sys.stderr)
+        print(f"error: {err} (create it with: python -m tools.make_fill50k --out training/fill50k)", file=sys.stderr)
         return 1
     print(len(dataset))
     print(item["txt"])

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a ControlNet (the reference's tutorial_train.py, with flags).")
-    p.add_argument("--config", default="./models/cldm_v15.yaml", help="model config (default: %(default)s)")
+    p.add_argument("--config", default=str(REPO / "models" / "cldm_v15.yaml"),
+                   help="model config (default: the repo's models/cldm_v15.yaml)")
     p.add_argument("--init-ckpt", "--resume-path", dest="init_ckpt", default="./models/control_sd15_ini.ckpt",
                    help="initial weights from tool_add_control.py (default: %(default)s)")
     p.add_argument("--data", default="./training/fill50k", help="fill50k folder with prompt.json (%(default)s)")
@@ -73,7 +74,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.init_ckpt}: initial checkpoint not found (make it with tool_add_control.py)")
     if args.webdataset is None and not (Path(args.data) / "prompt.json").is_file():
         raise ValueError(f"{Path(args.data) / 'prompt.json'}: training data not found "
-                         "(make it with tools/make_fill50k.py, or pass --webdataset)")  # fmt: skip
+                         "(make it with python -m tools.make_fill50k, or pass --webdataset)")  # fmt: skip
 
 
 def resume_path(args: argparse.Namespace, ckpt_dir: Path) -> str | None:
@@ -143,23 +144,35 @@ def build_trainer(args: argparse.Namespace, ckpt_dir: Path, callbacks: list | No
     )  # fmt: skip
 
 
-def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
-    sys.path.insert(0, str(REPO))
-    args = build_parser().parse_args(argv)
+def prepare_training(args: argparse.Namespace, callbacks: list | None = None) -> tuple[Any, Any, Any, str | None]:
+    """``(trainer, model, dataloader, checkpoint to resume from or None)`` for the flags of :func:`build_parser`,
+    seeded by ``--seed``; ``callbacks`` are added to the trainer's. Raises ``ValueError`` naming the first bad
+    flag or missing file, ``CheckpointError`` (a ``ValueError``) or ``OSError`` for an unreadable checkpoint."""
+    check_args(args)
     ckpt_dir = Path(args.ckpt_dir or Path(args.log_dir) / "checkpoints")
+    ckpt_path = resume_path(args, ckpt_dir)
+    import warnings
+
+    import pytorch_lightning as pl
+
+    # the frozen VAE and text encoder stay in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    model = build_model(args)
+    dataloader = build_dataloader(args)
+    return build_trainer(args, ckpt_dir, callbacks), model, dataloader, ckpt_path
+
+
+def train(args: argparse.Namespace, callbacks: list | None = None) -> None:
+    """Train as the flags of :func:`build_parser` say (errors as :func:`prepare_training`)."""
+    trainer, model, dataloader, ckpt_path = prepare_training(args, callbacks)
+    trainer.fit(model, dataloader, ckpt_path=ckpt_path)
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        check_args(args)
-        ckpt_path = resume_path(args, ckpt_dir)
-        import warnings
-
-        import pytorch_lightning as pl
-
-        # the frozen VAE and text encoder stay in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-        pl.seed_everything(args.seed, workers=True, verbose=False)
-        model = build_model(args)
-        dataloader = build_dataloader(args)
-        trainer = build_trainer(args, ckpt_dir, callbacks)
+        trainer, model, dataloader, ckpt_path = prepare_training(args, callbacks)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

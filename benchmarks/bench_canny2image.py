@@ -1,7 +1,7 @@
 """Speed and memory of full-size SD1.5 + ControlNet sampling on this machine, side by side.
 
-    python benchmarks/bench_canny2image.py                       # 512x512, 20 steps, all paths
-    python benchmarks/bench_canny2image.py --resolution 256 --steps 4 --paths fast,reference
+    python -m benchmarks.bench_canny2image                       # 512x512, 20 steps, all paths
+    python -m benchmarks.bench_canny2image --resolution 256 --steps 4 --paths fast,reference
 
 Paths, on the same random weights (models/cldm_v15.yaml, seeded; no download), seed, hint and
 prompt embeddings: ``fast`` (this project's default), ``reference`` (the same code switched to the
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import statistics
 import subprocess
@@ -78,11 +77,12 @@ def ensure_bf16_copy(ckpt: Path, out: Path) -> None:
     """The bfloat16 checkpoint the low-memory path maps (written once)."""
     if out.is_file():
         return
-    from tools.convert_checkpoint import main as convert
+    import torch
+
+    from tools.convert_checkpoint import convert_checkpoint
 
     print(f"writing the bfloat16 copy {out} (once) ...", file=sys.stderr)
-    if convert([str(ckpt), str(out), "--dtype", "bf16"]) != 0:
-        raise RuntimeError(f"could not write {out}")
+    convert_checkpoint(ckpt, out, torch.bfloat16)
 
 
 def make_inputs(ckpt: Path, resolution: int, out: Path) -> None:
@@ -211,8 +211,8 @@ def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -
     from diffusers import DDIMScheduler
     from omegaconf import OmegaConf
 
-    from benchmarks.diffusers_port import convert_to_diffusers
     from cldm.model import load_state_dict
+    from tests.diffusers_port import convert_to_diffusers
 
     start = time.perf_counter()
     original = OmegaConf.to_container(OmegaConf.load(CONFIG), resolve=True)
@@ -282,11 +282,11 @@ def worker(args: argparse.Namespace) -> int:
 def run_worker(path: str, args: argparse.Namespace, inputs: Path, tmp: Path) -> dict:
     out = tmp / f"{path}.pt"
     ckpt = args.low_memory_ckpt if path == "low-memory" else args.ckpt
-    cmd = [sys.executable, __file__, "--worker", path, "--worker-out", str(out), "--inputs", str(inputs),
-           "--ckpt", str(ckpt), "--steps", str(args.steps), "--threads", str(args.threads or 0),
-           *(["--profile"] if args.profile else [])]  # fmt: skip
+    cmd = [sys.executable, "-m", "benchmarks.bench_canny2image", "--worker", path, "--worker-out", str(out),
+           "--inputs", str(inputs), "--ckpt", str(ckpt), "--steps", str(args.steps),
+           "--threads", str(args.threads or 0), *(["--profile"] if args.profile else [])]  # fmt: skip
     print(f"running {path} ...", file=sys.stderr)
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(cmd, cwd=REPO)  # -m from the repo root: the packages import without an install
     if proc.returncode != 0:
         raise RuntimeError(f"path {path} failed with exit code {proc.returncode}")
     import torch
@@ -347,7 +347,6 @@ def print_kernels(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(REPO))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resolution", type=int, default=512, help="image side (default 512; 256 for a quick run)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")

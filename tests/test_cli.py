@@ -30,6 +30,7 @@ def tiny_args(ckpt: Path, out_dir: Path, *extra: str) -> list[str]:
             "--ddim-steps", "2", "--seed", "5", *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_writes_edges_and_samples(capsys: pytest.CaptureFixture, tiny_ckpt: Path, tmp_path: Path) -> None:
     # 451 x 300: the short side goes to 64, the long one to 96.2, rounded to a multiple of 64 as the reference
     image = REPO / "test_imgs" / "chelsea.png"
@@ -45,6 +46,7 @@ def test_writes_edges_and_samples(capsys: pytest.CaptureFixture, tiny_ckpt: Path
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
 
 
+@pytest.mark.slow
 def test_same_seed_same_pngs(capsys: pytest.CaptureFixture, tiny_ckpt: Path, tmp_path: Path) -> None:
     run_cli(capsys, *tiny_args(tiny_ckpt, tmp_path / "a"))
     run_cli(capsys, *tiny_args(tiny_ckpt, tmp_path / "b"))
@@ -99,6 +101,7 @@ def test_corrupt_checkpoint_from_the_command_line(tmp_path: Path) -> None:
     assert f"error: {ckpt}: not a readable checkpoint" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DEFAULT_CKPT.is_file(), reason="the real checkpoint is present")
 def test_missing_real_checkpoint_falls_back_to_the_trained_demo(tmp_path: Path) -> None:
     """No flags, no real checkpoint: the tiny trained demo runs on test_imgs/disc.png with its own prompt at

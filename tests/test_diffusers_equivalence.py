@@ -16,9 +16,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.diffusers_port import convert_to_diffusers
 from cldm.control import Control
 from cldm.model import create_model, fill_zero_parameters
+from tests.diffusers_port import convert_to_diffusers
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils", reason="diffusers has no single_file_utils")

@@ -153,6 +153,7 @@ def set_number(page, label: str, value: int) -> None:
     raise AssertionError(f"could not set {label} to {value}")
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
     missing = browser_missing()
     if missing:

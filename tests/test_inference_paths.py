@@ -53,6 +53,7 @@ def test_fast_path_equals_reference_path(model: torch.nn.Module) -> None:
     assert ref_calls == [2] * 8  # the reference re-encodes it for both passes at every step
 
 
+@pytest.mark.slow
 def test_channels_last_switch_keeps_the_output(model: torch.nn.Module) -> None:
     fast = sample(model, "fast", [])
     channels_last = sample(model, InferencePath(channels_last=True), [])
@@ -73,6 +74,7 @@ def test_fast_path_decodes_channels_last(model: torch.nn.Module) -> None:
     assert reference.is_contiguous() and (fast - reference).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_compiled_path_keeps_the_output_and_the_keys(model: torch.nn.Module) -> None:
     """The opt-in torch.compile path (here with a backend that records the captured graphs and runs them eagerly;
     the scripts use inductor) gives the fast path's output and keeps the state-dict keys; it is one-way."""
@@ -116,6 +118,7 @@ def test_half_precision_schedule_in_a_file_is_replaced(tiny_ckpt, tmp_path) -> N
     assert torch.equal(model.alphas_cumprod, load_model(TINY_CONFIG, tiny_ckpt).alphas_cumprod)
 
 
+@pytest.mark.slow
 def test_low_memory_mode_loads_and_samples(tiny_ckpt, tmp_path) -> None:
     from cldm.pipeline import Canny2Image, CannyParams, read_image
     from tests.conftest import REPO

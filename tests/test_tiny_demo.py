@@ -102,6 +102,7 @@ def test_calibrated_autoencoder_is_deterministic_with_sd_spread() -> None:
     assert float(posterior.std.max()) < 1e-6
 
 
+@pytest.mark.slow
 def test_quick_recipe_runs_every_stage(tmp_path: Path) -> None:
     """The recipe's plumbing at a few steps: data, VAE, base, tool_add_control, tutorial_train, checks, ship."""
     ship, plot = tmp_path / "demo.ckpt", tmp_path / "iou.png"
@@ -124,6 +125,7 @@ def test_quick_recipe_runs_every_stage(tmp_path: Path) -> None:
         assert torch.equal(trained[key], value), key
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEMO_CKPT.is_file(), reason="the shipped demo checkpoint is missing")
 def test_shipped_demo_matches_its_recorded_measurement(tmp_path: Path) -> None:
     """The shipped demo, re-measured on the first 20 of the recipe's held-out circles, scores as its JSON says

@@ -143,6 +143,7 @@ def test_add_control_errors(base_ckpt: Path, tmp_path: Path, capsys: pytest.Capt
 # --- training -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_locked_training_changes_only_the_controlnet(
     ini_ckpt: Path, fill50k: Path, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
@@ -226,6 +227,7 @@ def test_activation_checkpointing_gives_the_same_gradients(fresh_tiny_model: tor
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_restores_the_run_exactly(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
     whole, first, second = Snapshot(), Snapshot(), Snapshot()
     assert tutorial_train.main(train_args(ini_ckpt, fill50k, tmp_path / "a", "--max-steps", "4"), [whole]) == 0
@@ -254,6 +256,7 @@ def test_resume_restores_the_run_exactly(ini_ckpt: Path, fill50k: Path, tmp_path
     assert "control_model.zero_convs.0.0.weight" in load_state_dict(tmp_path / "b" / "checkpoints" / "last.ckpt")
 
 
+@pytest.mark.slow
 def test_image_logs_are_png_grids(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
     args = train_args(ini_ckpt, fill50k, tmp_path, "--max-steps", "2", "--precision", "bf16-mixed")
     args[args.index("--logger-freq") + 1] = "2"
@@ -265,6 +268,7 @@ def test_image_logs_are_png_grids(ini_ckpt: Path, fill50k: Path, tmp_path: Path)
         assert grid.size == (2 * 66 + 2, 66 + 2)  # two 64 px images, 2 px padding
 
 
+@pytest.mark.slow
 def test_webdataset_shards_train(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
     shards = write_webdataset(fill50k, str(tmp_path / "shards" / "shard-%06d.tar"), samples_per_shard=4)
     assert len(shards) == 2
@@ -276,6 +280,7 @@ def test_webdataset_shards_train(ini_ckpt: Path, fill50k: Path, tmp_path: Path) 
     assert any(not torch.equal(snap.after[k], snap.before[k]) for k in snap.after if k.startswith("control_model."))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_keep_identical_weights(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
     args = train_args(ini_ckpt, fill50k, tmp_path, "--max-steps", "3", "--devices", "2", "--strategy", "ddp",
                       "--weights-digest")  # fmt: skip

@@ -1,6 +1,6 @@
 """Rewrite a checkpoint with its weights in another precision (keys unchanged; the schedule stays float32).
 
-    python tools/convert_checkpoint.py models/control_sd15_canny.pth models/control_sd15_canny_bf16.safetensors
+    python -m tools.convert_checkpoint models/control_sd15_canny.pth models/control_sd15_canny_bf16.safetensors
 
 A bfloat16 copy (2.9 GB for SD1.5 + ControlNet) is what ``--low-memory`` maps straight into the
 model, so loading touches half the bytes of the float32 file.
@@ -12,13 +12,21 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from cldm.model import CheckpointError, cast_weights, load_state_dict, save_checkpoint  # noqa: E402
+from cldm.model import CheckpointError, cast_weights, load_state_dict, save_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Write the weights of checkpoint ``src`` to ``dst`` (replaced if it exists) with every floating tensor in
+    ``dtype`` except the diffusion schedule buffers (float32); keys unchanged. ``.safetensors`` for that suffix,
+    else a torch pickle. Returns the state dict written. Raises ``CheckpointError`` for an unreadable ``src`` and
+    ``OSError`` when ``dst`` cannot be written."""
+    state_dict = cast_weights(load_state_dict(src), dtype)
+    save_checkpoint(state_dict, dst)
+    return state_dict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if Path(args.output).exists():
             raise ValueError(f"{args.output}: output file already exists")
-        dtype = DTYPES[args.dtype]
-        state_dict = cast_weights(load_state_dict(args.input), dtype)
-        save_checkpoint(state_dict, args.output)
+        state_dict = convert_checkpoint(args.input, args.output, DTYPES[args.dtype])
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

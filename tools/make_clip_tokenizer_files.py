@@ -6,7 +6,7 @@ That tokenizer's ``vocab.json`` and ``merges.txt`` are a re-encoding of OpenAI C
 wheel on PyPI. This script rebuilds both files offline and deterministically:
 
     pip download --no-deps open-clip-torch -d /tmp/dl
-    python tools/make_clip_tokenizer_files.py /tmp/dl/open_clip_torch-*.whl
+    python -m tools.make_clip_tokenizer_files /tmp/dl/open_clip_torch-*.whl
 
 The argument may be the wheel (``.whl``) or the ``.gz`` file itself.
 """

@@ -1,6 +1,6 @@
 """Generate a fill50k-style training set (the ControlNet training tutorial's toy data) offline.
 
-    python tools/make_fill50k.py --out training/fill50k --n 50000 --resolution 512 --seed 0
+    python -m tools.make_fill50k --out training/fill50k --n 50000 --resolution 512 --seed 0
 
 Layout, as in the reference's ``docs/train.md``::
 

@@ -1,8 +1,8 @@
 """Write a random-weight checkpoint in the exact reference key layout of a model config.
 
-    python tools/make_random_checkpoint.py --config models/cldm_tiny.yaml --out models/control_tiny_random.ckpt \
+    python -m tools.make_random_checkpoint --config models/cldm_tiny.yaml --out models/control_tiny_random.ckpt \
         --fill-zeros 0.02 --half
-    python tools/make_random_checkpoint.py --config models/cldm_v15.yaml --out /tmp/control_sd15_random.pth
+    python -m tools.make_random_checkpoint --config models/cldm_v15.yaml --out /tmp/control_sd15_random.pth
 
 Full-size checkpoints (5.7 GB) serve key/shape checks and benchmarks; the tiny one runs the whole
 pipeline in seconds.
@@ -15,16 +15,17 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from cldm.model import CheckpointError, make_random_checkpoint
 
-from cldm.model import CheckpointError, make_random_checkpoint  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="models/cldm_tiny.yaml", help="model yaml config")
+    parser.add_argument("--config", default=str(REPO / "models" / "cldm_tiny.yaml"),
+                        help="model yaml config (default: the repo's models/cldm_tiny.yaml)")
     parser.add_argument("--out", required=True, help="output .ckpt/.pth/.safetensors path")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(

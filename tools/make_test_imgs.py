@@ -7,7 +7,7 @@ background (512 x 512) whose Canny edge map at 64 px is one clean circle outline
 (``pip download --no-deps scikit-image``), strips their metadata and stores them as RGB PNG with
 the short side at most 512 px:
 
-    python tools/make_test_imgs.py --skimage-wheel /tmp/dl/scikit_image-0.26.0-*.whl
+    python -m tools.make_test_imgs --skimage-wheel /tmp/dl/scikit_image-0.26.0-*.whl
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Train the built-in demo from scratch on the CPU: a tiny Stable-Diffusion-style model that draws colored
 circles, then a ControlNet on it that makes the circle follow an outline.
 
-    python tools/make_tiny_demo.py            # the shipped recipe (seeded; see README for its time)
-    python tools/make_tiny_demo.py --quick    # a few steps of every stage, to check the plumbing
+    python -m tools.make_tiny_demo            # the shipped recipe (seeded; see README for its time)
+    python -m tools.make_tiny_demo --quick    # a few steps of every stage, to check the plumbing
 
 Stages, each writing into ``--work`` (default ``training/tiny_demo``):
 
@@ -11,8 +11,9 @@ Stages, each writing into ``--work`` (default ``training/tiny_demo``):
    latents have the spread SD's ``scale_factor`` expects;
 3. base: the config's base ``LatentDiffusion`` (UNet, the VAE, a frozen random CLIP-style text encoder)
    trained on targets + prompts, 10% empty prompts; EMA weights -> ``tiny_sd.ckpt`` (SD layout);
-4. control: ``tool_add_control.py --hint-init kaiming``, then ``tutorial_train.py`` with the base locked, as a
-   user would (with the reference's hint-encoder init no control emerged within 2000 steps at lr 1e-4 to 1e-3);
+4. control: ``tool_add_control.py --hint-init kaiming``, then ``tutorial_train.py`` with the base locked (their
+   functions, with the flags a user would give; with the reference's hint-encoder init no control emerged within
+   2000 steps at lr 1e-4 to 1e-3);
 5. checks: the locked weights are bit-identical after training; IoU / color accuracy of the base, the
    ControlNet at init (must equal the base) and every saved training step (``tools/measure_control.py``);
 6. ship: the last checkpoint as float16 to ``--ship`` (default ``models/control_tiny_circles.ckpt``), the
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from share import DEMO_SCALE, DEMO_UNCOND_HINT
 
-from share import DEMO_SCALE, DEMO_UNCOND_HINT  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RADIUS_RANGE = (10 / 64, 20 / 64)  # of the 64 px side: radius 10..20 px
 RESOLUTION = 64
@@ -69,7 +68,7 @@ class Recipe:
     control_ckpt_every: int = 250
     curve_heldout: int = 50  # held-out conditions scored per saved step (the final model: all)
     measure_ddim_steps: int = 20
-    measure_scale: float = DEMO_SCALE  # the demo's sampling (cldm.pipeline): the hint in the conditional pass only
+    measure_scale: float = DEMO_SCALE  # the demo's sampling (share.py): the hint in the conditional pass only
     measure_strength: float = 1.0
     measure_uncond_hint: bool = DEMO_UNCOND_HINT
 
@@ -243,26 +242,26 @@ def make_base(config: Path, work: Path, train: Path, recipe: Recipe, seed: int) 
     return out
 
 
-def run(args: list[str]) -> None:
-    """Run a project script with this Python, as a user would; stop the recipe if it fails."""
-    log("$ python " + " ".join(args))
-    subprocess.run([sys.executable, *args], cwd=REPO, check=True)
-
-
 def train_control(config: Path, work: Path, base: Path, train: Path, recipe: Recipe, seed: int) -> tuple[Path, Path]:
-    """Stage 4: tool_add_control.py and tutorial_train.py; returns (initial checkpoint, checkpoint folder)."""
+    """Stage 4: the initial ControlNet from the base (tool_add_control.py's function), then training with
+    tutorial_train.py's flags; returns (initial checkpoint, checkpoint folder)."""
+    import tutorial_train
+    from tool_add_control import make_control_checkpoint
+
     init = work / "control_ini.ckpt"
     ckpt_dir = work / "control_run" / "checkpoints"
     with timed(work, "control", resumable=True):
         if not init.is_file():
-            run(["tool_add_control.py", str(base), str(init), "--config", str(config), "--seed", str(seed),
-                 "--hint-init", recipe.control_hint_init])  # fmt: skip
-        run(["tutorial_train.py", "--config", str(config), "--init-ckpt", str(init), "--data", str(train),
-             "--batch-size", str(recipe.control.batch), "--lr", str(recipe.control.lr),
-             "--max-steps", str(recipe.control.steps), "--ckpt-every", str(recipe.control_ckpt_every),
-             "--logger-freq", str(recipe.control.steps), "--log-ddim-steps", str(recipe.measure_ddim_steps),
-             "--log-dir", str(work / "control_run"), "--seed", str(seed), "--no-activation-checkpointing",
-             *(["--resume", "last"] if (ckpt_dir / "last.ckpt").is_file() else [])])  # fmt: skip
+            log(f"initial ControlNet from {base} (hint init {recipe.control_hint_init}) -> {init}")
+            make_control_checkpoint(base, init, config, seed, recipe.control_hint_init)
+        flags = ["--config", str(config), "--init-ckpt", str(init), "--data", str(train),
+                 "--batch-size", str(recipe.control.batch), "--lr", str(recipe.control.lr),
+                 "--max-steps", str(recipe.control.steps), "--ckpt-every", str(recipe.control_ckpt_every),
+                 "--logger-freq", str(recipe.control.steps), "--log-ddim-steps", str(recipe.measure_ddim_steps),
+                 "--log-dir", str(work / "control_run"), "--seed", str(seed), "--no-activation-checkpointing",
+                 *(["--resume", "last"] if (ckpt_dir / "last.ckpt").is_file() else [])]  # fmt: skip
+        log("training the ControlNet: tutorial_train.py " + " ".join(flags))
+        tutorial_train.train(tutorial_train.build_parser().parse_args(flags))
     return init, ckpt_dir
 
 
@@ -277,13 +276,6 @@ def check_locked(init: Path, trained: Path) -> int:
     if changed:
         raise RuntimeError(f"locked weights changed during ControlNet training: {changed[:3]}")
     return len(locked)
-
-
-def ship(trained: Path, out: Path) -> None:
-    """Write the trained ControlLDM as float16 (schedule buffers stay float32)."""
-    from cldm.model import cast_weights, load_state_dict, save_checkpoint
-
-    save_checkpoint(cast_weights(load_state_dict(trained), torch.float16), out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     init, ckpt_dir = train_control(config, work, base, train, recipe, args.seed)
     trained = ckpt_dir / "last.ckpt"
     log(f"locked weights bit-identical after training: {check_locked(init, trained)} tensors")
+    from tools.convert_checkpoint import convert_checkpoint
     from tools.measure_control import load_conditions, measure, plot_curve
 
     conditions = load_conditions(heldout)
@@ -323,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError("the ControlNet at init does not reproduce the base model exactly")
     minutes = json.loads((work / "minutes.json").read_text(encoding="utf-8"))
     results["minutes"] = {**minutes, "total": round(sum(minutes.values()), 1)}
-    ship(trained, Path(args.ship))
+    convert_checkpoint(trained, args.ship, torch.float16)  # schedule buffers stay float32
     Path(args.ship).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_curve([(e["step"], e["iou"]) for e in results["curve"]], args.plot, "tiny ControlNet: held-out IoU vs step")
     total = results["minutes"]["total"]

@@ -1,6 +1,6 @@
 """Measure how well a ControlNet follows its condition on held-out fill50k-style circles.
 
-    python tools/measure_control.py --data training/tiny_demo/heldout \\
+    python -m tools.measure_control --data training/tiny_demo/heldout \\
         --base training/tiny_demo/tiny_sd.ckpt --ckpt models/control_tiny_circles.ckpt
 
 For every held-out condition (an outline, its filled target and a prompt "<circle color> circle with
@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from share import DEMO_COLORS, repo_relative
+from tools.make_fill50k import COLORS
 
-from share import DEMO_COLORS, repo_relative  # noqa: E402
-from tools.make_fill50k import COLORS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPT = re.compile(r"^(?P<circle>.+) circle with (?P<background>.+) background$")
 STEP_CKPT = re.compile(r"step=(\d+)\.ckpt$")

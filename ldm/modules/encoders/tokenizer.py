@@ -32,7 +32,7 @@ _SPECIAL_RE = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 def _missing_files_message(directory: Path, missing: list[str]) -> str:
     return (
         f"CLIP tokenizer files {missing} not found in {directory}. They are generated offline by "
-        "`python tools/make_clip_tokenizer_files.py <open_clip_torch wheel>` "
+        "`python -m tools.make_clip_tokenizer_files <open_clip_torch wheel>` "
         "(see ldm/modules/encoders/clip_tokenizer/README.md)."
     )
 

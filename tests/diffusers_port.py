@@ -1,7 +1,8 @@
 """The same weights in diffusers: ControlNetModel, UNet2DConditionModel and AutoencoderKL, converted from a
 project state dict with diffusers' own single-file conversion utilities and configs built locally (no hub).
 
-diffusers is optional (tests and the benchmark use it as an independent implementation).
+diffusers is a test-only dependency: the equivalence tests and the benchmark's ``diffusers`` path use this
+port as an independent implementation to compare against.
 """
 
 from __future__ import annotations
