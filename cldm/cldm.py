@@ -72,14 +72,11 @@ class ControlNet(nn.Module):
         image_size: int,
         hint_channels: int,
         use_fp16: bool = False,
-        num_heads_upsample: int = -1,
-        use_new_attention_order: bool = False,
-        n_embed: int | None = None,
         **structure: Any,
     ):
         """``structure``: the yaml's shape parameters, shared with the UNet (see :class:`UNetConfig`)."""
         super().__init__()
-        cfg = UNetConfig(**structure)
+        cfg = UNetConfig(**structure, owner=type(self).__name__)
         in_channels, model_channels, dims = cfg.in_channels, cfg.model_channels, cfg.dims
         self.dims = dims
         self.image_size = image_size

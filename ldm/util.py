@@ -1,14 +1,45 @@
-"""Small helpers shared by the ldm and cldm packages (config instantiation, seeding)."""
+"""Small helpers shared by the ldm and cldm packages (config instantiation, parameter checks, seeding)."""
 
 from __future__ import annotations
 
 import importlib
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with sequences (tuples, lists, OmegaConf lists) as lists, so that ``()`` and ``[]`` compare equal."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _show(value: Any) -> str:
+    """A short ``repr`` of a parameter value (tensors and arrays by their shape)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, (int, float)):
+        return f"<{type(value).__name__} of shape {tuple(shape)}>"
+    text = repr(_plain(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def unsupported_parameter(owner: str, name: str, value: Any, implemented: str, hint: str = "") -> ValueError:
+    """The one error for a reference parameter set to something this project does not implement:
+    ``ValueError("<owner>: parameter '<name>' = <value> is not supported (this project implements only
+    <implemented>)")``, then ``: <hint>`` when given."""
+    message = f"{owner}: parameter '{name}' = {_show(value)} is not supported"
+    return ValueError(f"{message} (this project implements only {implemented})" + (f": {hint}" if hint else ""))
+
+
+def check_supported(owner: str, name: str, value: Any, *supported: Any, hint: str = "") -> None:
+    """Raise :func:`unsupported_parameter` unless ``value`` equals one of ``supported`` (the values this project
+    implements; sequences compare as lists). ``owner`` names the class (or function) the parameter was given to."""
+    if not any(_plain(value) == _plain(s) for s in supported):
+        raise unsupported_parameter(owner, name, value, " or ".join(_show(s) for s in supported), hint)
 
 
 def exists(x: Any) -> bool:

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.modules.winograd import Conv2d
+from ldm.util import check_supported
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:  # noqa: N802 - reference name
@@ -113,12 +114,18 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
+ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")  # the reference's xformers variant computes the same
+
+
+def check_attention(owner: str, use_linear_attn: bool, attn_type: str) -> None:
+    """``ValueError`` naming the parameter for the reference's linear attention or an attention type not implemented."""
+    check_supported(owner, "use_linear_attn", use_linear_attn, False)
+    check_supported(owner, "attn_type", attn_type, *ATTN_TYPES)
+
+
 def make_attn(in_channels: int, attn_type: str = "vanilla", num_groups: int = 32) -> nn.Module:
-    if attn_type in ("vanilla", "vanilla-xformers"):
-        return AttnBlock(in_channels, num_groups)
-    if attn_type == "none":
-        return nn.Identity()
-    raise ValueError(f"attn_type {attn_type} unknown")
+    """The self-attention block of ``attn_type`` (one of :data:`ATTN_TYPES`, checked by :func:`check_attention`)."""
+    return nn.Identity() if attn_type == "none" else AttnBlock(in_channels, num_groups)
 
 
 class Encoder(nn.Module):
@@ -144,9 +151,8 @@ class Encoder(nn.Module):
         **ignore_kwargs: object,
     ):
         super().__init__()
+        check_attention(type(self).__name__, use_linear_attn, attn_type)
         res_block = partial(ResnetBlock, dropout=dropout, num_groups=norm_num_groups)
-        if use_linear_attn:
-            attn_type = "linear"
         self.ch = ch
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -217,9 +223,8 @@ class Decoder(nn.Module):
         **ignore_kwargs: object,
     ):
         super().__init__()
+        check_attention(type(self).__name__, use_linear_attn, attn_type)
         res_block = partial(ResnetBlock, dropout=dropout, num_groups=norm_num_groups)
-        if use_linear_attn:
-            attn_type = "linear"
         self.ch = ch
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
