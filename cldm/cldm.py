@@ -143,7 +143,7 @@ def kaiming_init_hint_encoder(control: ControlNet) -> int:
     are mostly noise until its weights have grown (the long wait before "sudden convergence"). With this
     init the hint keeps its scale through the encoder. Keys and shapes are unchanged.
     """
-    convs = [m for m in control.input_hint_block if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))][:-1]
+    convs = [m for m in control.input_hint_block if isinstance(m, nn.Conv2d)][:-1]
     with torch.no_grad():
         for conv in convs:
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")

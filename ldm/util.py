@@ -42,36 +42,18 @@ def check_supported(owner: str, name: str, value: Any, *supported: Any, hint: st
         raise unsupported_parameter(owner, name, value, " or ".join(_show(s) for s in supported), hint)
 
 
-def exists(x: Any) -> bool:
-    return x is not None
-
-
-def default(val: Any, d: Any) -> Any:
-    if exists(val):
-        return val
-    return d() if callable(d) else d
-
-
-def get_obj_from_str(string: str, reload: bool = False) -> Any:
+def get_obj_from_str(string: str) -> Any:
     """Import ``"package.module.Name"`` and return ``Name``."""
     module, cls = string.rsplit(".", 1)
-    mod = importlib.import_module(module)
-    if reload:
-        mod = importlib.reload(mod)
-    return getattr(mod, cls)
+    return getattr(importlib.import_module(module), cls)
 
 
 def instantiate_from_config(config: Mapping[str, Any]) -> Any:
-    """Build ``config["target"](**config["params"])`` as the reference's yaml configs expect."""
+    """Build ``config["target"](**config["params"])`` as the reference's yaml configs expect; ``KeyError`` without
+    a ``target``."""
     if "target" not in config:
-        if config in ("__is_first_stage__", "__is_unconditional__"):
-            return None
         raise KeyError("Expected key `target` to instantiate.")
     return get_obj_from_str(config["target"])(**config.get("params", dict()))
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def seed_everything(seed: int) -> int:

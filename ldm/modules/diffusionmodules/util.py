@@ -119,9 +119,8 @@ def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: tuple) -> tor
     return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
-def noise_like(shape: tuple, device: torch.device, repeat: bool = False) -> torch.Tensor:
-    if repeat:
-        return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
+def noise_like(shape: tuple, device: torch.device) -> torch.Tensor:
+    """Standard normal noise of ``shape`` from torch's global generator."""
     return torch.randn(shape, device=device)
 
 

@@ -52,11 +52,6 @@ CLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-class AbstractEncoder(nn.Module):
-    def encode(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
-
-
 class CLIPTextTransformer(nn.Module):
     """transformers' ``CLIPTextModel`` held as ``text_model``.
 
@@ -99,7 +94,7 @@ def clip_text_config(version: str, overrides: Mapping[str, Any] | None = None) -
     return config
 
 
-class FrozenCLIPEmbedder(AbstractEncoder):
+class FrozenCLIPEmbedder(nn.Module):
     """Prompts -> CLIP text hidden states [B, 77, hidden_size] (last layer, or ``layer_idx`` with ``hidden``).
 
     ``version`` selects the local text config (:data:`CLIP_TEXT_CONFIGS`; ``text_config`` overrides its fields).
@@ -258,8 +253,6 @@ class OpenCLIPTextModel(nn.Module):
 
     def __init__(self, config: OpenCLIPTextConfig):
         super().__init__()
-        self.context_length = config.context_length
-        self.vocab_size = config.vocab_size
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
         self.text_projection = nn.Parameter(torch.empty(config.width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
@@ -324,7 +317,7 @@ def openclip_tokenize(tokenizer: CLIPTokenizer, prompts: list[str] | str, contex
     return result
 
 
-class FrozenOpenCLIPEmbedder(AbstractEncoder):
+class FrozenOpenCLIPEmbedder(nn.Module):
     """Prompts -> OpenCLIP text hidden states [B, 77, width] after ``ln_final`` (last or penultimate block).
 
     ``version`` (the reference's pretrained tag) and ``device`` are accepted for config compatibility with any
