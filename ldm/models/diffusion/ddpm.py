@@ -73,9 +73,9 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = instantiate_from_config(diff_model_config)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: list[torch.Tensor] | None = None) -> torch.Tensor:
-        context = torch.cat(c_crossattn, 1) if c_crossattn else None
-        return self.diffusion_model(x, t, context=context)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: list[torch.Tensor]) -> torch.Tensor:
+        """eps [B, C, h, w] for x [B, C, h, w] at t [B]; the text contexts [B, L, D] are joined along L."""
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
 
 
 class DDPM(pl.LightningModule):
