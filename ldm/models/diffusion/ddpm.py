@@ -266,7 +266,7 @@ class LatentDiffusion(DDPM):
             if isinstance(config, str):  # the reference's "__is_first_stage__" / "__is_unconditional__"
                 raise unsupported_parameter(owner, name, config, "a config with a target")
         if conditioning_key is None:  # the reference derives it from concat_mode
-            check_supported(owner, "concat_mode", concat_mode, False, hint="or set conditioning_key: crossattn")
+            check_supported(owner, "concat_mode", concat_mode, False, hint="set conditioning_key: crossattn")
             conditioning_key = "crossattn"
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
         self.cond_stage_key = cond_stage_key
