@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import cv2
 import numpy as np
-
-annotator_ckpts_path = os.path.join(os.path.dirname(__file__), "ckpts")
 
 
 def HWC3(x: np.ndarray) -> np.ndarray:

@@ -72,14 +72,11 @@ class ControlNet(nn.Module):
         image_size: int,
         hint_channels: int,
         use_fp16: bool = False,
-        num_heads_upsample: int = -1,
-        use_new_attention_order: bool = False,
-        n_embed: int | None = None,
         **structure: Any,
     ):
         """``structure``: the yaml's shape parameters, shared with the UNet (see :class:`UNetConfig`)."""
         super().__init__()
-        cfg = UNetConfig(**structure)
+        cfg = UNetConfig(**structure, owner=type(self).__name__)
         in_channels, model_channels, dims = cfg.in_channels, cfg.model_channels, cfg.dims
         self.dims = dims
         self.image_size = image_size
@@ -146,7 +143,7 @@ def kaiming_init_hint_encoder(control: ControlNet) -> int:
     are mostly noise until its weights have grown (the long wait before "sudden convergence"). With this
     init the hint keeps its scale through the encoder. Keys and shapes are unchanged.
     """
-    convs = [m for m in control.input_hint_block if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))][:-1]
+    convs = [m for m in control.input_hint_block if isinstance(m, nn.Conv2d)][:-1]
     with torch.no_grad():
         for conv in convs:
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")

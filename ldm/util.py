@@ -1,46 +1,59 @@
-"""Small helpers shared by the ldm and cldm packages (config instantiation, seeding)."""
+"""Small helpers shared by the ldm and cldm packages (config instantiation, parameter checks, seeding)."""
 
 from __future__ import annotations
 
 import importlib
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 
-def exists(x: Any) -> bool:
-    return x is not None
+def _plain(value: Any) -> Any:
+    """``value`` with sequences (tuples, lists, OmegaConf lists) as lists, so that ``()`` and ``[]`` compare equal."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
 
 
-def default(val: Any, d: Any) -> Any:
-    if exists(val):
-        return val
-    return d() if callable(d) else d
+def _show(value: Any) -> str:
+    """A short ``repr`` of a parameter value (tensors and arrays by their shape)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, (int, float)):
+        return f"<{type(value).__name__} of shape {tuple(shape)}>"
+    text = repr(_plain(value))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
-def get_obj_from_str(string: str, reload: bool = False) -> Any:
+def unsupported_parameter(owner: str, name: str, value: Any, implemented: str, hint: str = "") -> ValueError:
+    """The one error for a reference parameter set to something this project does not implement:
+    ``ValueError("<owner>: parameter '<name>' = <value> is not supported (this project implements only
+    <implemented>)")``, then ``: <hint>`` when given."""
+    message = f"{owner}: parameter '{name}' = {_show(value)} is not supported"
+    return ValueError(f"{message} (this project implements only {implemented})" + (f": {hint}" if hint else ""))
+
+
+def check_supported(owner: str, name: str, value: Any, *supported: Any, hint: str = "") -> None:
+    """Raise :func:`unsupported_parameter` unless ``value`` equals one of ``supported`` (the values this project
+    implements; sequences compare as lists). ``owner`` names the class (or function) the parameter was given to."""
+    if not any(_plain(value) == _plain(s) for s in supported):
+        raise unsupported_parameter(owner, name, value, " or ".join(_show(s) for s in supported), hint)
+
+
+def get_obj_from_str(string: str) -> Any:
     """Import ``"package.module.Name"`` and return ``Name``."""
     module, cls = string.rsplit(".", 1)
-    mod = importlib.import_module(module)
-    if reload:
-        mod = importlib.reload(mod)
-    return getattr(mod, cls)
+    return getattr(importlib.import_module(module), cls)
 
 
 def instantiate_from_config(config: Mapping[str, Any]) -> Any:
-    """Build ``config["target"](**config["params"])`` as the reference's yaml configs expect."""
+    """Build ``config["target"](**config["params"])`` as the reference's yaml configs expect; ``KeyError`` without
+    a ``target``."""
     if "target" not in config:
-        if config in ("__is_first_stage__", "__is_unconditional__"):
-            return None
         raise KeyError("Expected key `target` to instantiate.")
     return get_obj_from_str(config["target"])(**config.get("params", dict()))
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def seed_everything(seed: int) -> int:

@@ -24,13 +24,12 @@ import torch.nn.functional as F
 CONV_ALGORITHMS = ("direct", "winograd")
 MIN_CHANNELS = 32  # below this the transforms cost more than the multiplies they save (the RGB stems)
 # The filter transform reads every weight and writes (m+2)^2 / 9 times as much per call; it pays off only
-# when the batch has enough pixels (N * H * W) to share it. Measured on SD's layers at 2 threads: at 128 px
-# (the 1280-channel 8x8 level, batch 2) direct is as fast or faster; at 512 px (16x16, batch 2) F(2x2) is
-# 1.4x direct and F(4x4) level with it (slower with glibc's default allocator); from 1024 px F(4x4) is fastest.
+# when the batch has enough pixels (N * H * W) to share it: below MIN_PIXELS the direct kernel is as fast, and
+# F(4x4) overtakes F(2x2) from MIN_PIXELS_TILE4 (thresholds timed on SD's layers; see docs/performance.md).
 MIN_PIXELS = 512
 MIN_PIXELS_TILE4 = 1024
 # Up to this many pixels (SD's 4x4 level at 256 px, batch 2) oneDNN's direct kernel streams the weights slowly;
-# one batched matrix multiply over the unfolded 3x3 patches is faster (18 vs 22 ms at 1280 channels).
+# one batched matrix multiply over the unfolded 3x3 patches is faster.
 MAX_PIXELS_UNFOLD = 32
 
 Tensors = Sequence[torch.Tensor]

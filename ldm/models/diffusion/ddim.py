@@ -17,6 +17,7 @@ import torch
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
 from ldm.models.diffusion.sampling import DDIMSchedule, ddim_schedule, sample_ddim
+from ldm.util import check_supported
 
 Cond = Any  # a tensor, a list of tensors, or a dict of lists as in the reference
 
@@ -45,8 +46,7 @@ class DDIMSampler:
 
     def __init__(self, model: Any, schedule: str = "linear", reuse_hint: bool | None = None,
                  batch_cfg: bool | None = None):  # fmt: skip
-        if schedule != "linear":
-            raise ValueError(f"DDIMSampler: schedule '{schedule}' is not supported (only 'linear')")
+        check_supported("DDIMSampler", "schedule", schedule, "linear")
         path = getattr(model, "inference_path", None)
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
@@ -115,11 +115,10 @@ class DDIMSampler:
         Returns ``(samples, {"x_inter": [...], "pred_x0": [...]})`` like the reference. ``progress`` shows a tqdm
         bar over the steps; ``callback(i)`` runs after each step. A reference parameter this sampler does not
         implement (``mask``, ``x0``, ``quantize_x0``, ``corrector``, ``score_corrector``, ...) raises
-        ``NotImplementedError`` naming it when given a value other than its default.
+        ``ValueError`` naming it when given a value other than None or False (:func:`ldm.util.check_supported`).
         """
-        used = sorted(k for k, v in unsupported.items() if v is not None and v is not False)
-        if used:
-            raise NotImplementedError(f"DDIMSampler.sample does not support: {', '.join(used)}")
+        for name in sorted(unsupported):
+            check_supported("DDIMSampler.sample", name, unsupported[name], None, False)
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         denoise = self.denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale)
         x = torch.randn((batch_size, *shape), device=self.device) if x_T is None else x_T

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config
+from ldm.util import check_supported, instantiate_from_config, unsupported_parameter
 
 SCHEDULE_BUFFERS = (
     "betas",
@@ -66,22 +66,27 @@ def schedule_arrays(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, np
 
 
 class DiffusionWrapper(nn.Module):
-    """Holds the denoiser as ``diffusion_model`` (so keys read ``model.diffusion_model.*``)."""
+    """Holds the denoiser as ``diffusion_model`` (so keys read ``model.diffusion_model.*``); cross-attention
+    conditioning (the reference's ``conditioning_key: crossattn``)."""
 
-    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: str | None):
+    def __init__(self, diff_model_config: Mapping[str, Any]):
         super().__init__()
-        if conditioning_key not in (None, "crossattn"):
-            raise ValueError(f"conditioning_key '{conditioning_key}' is not supported (only 'crossattn')")
         self.diffusion_model = instantiate_from_config(diff_model_config)
-        self.conditioning_key = conditioning_key
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: list[torch.Tensor] | None = None) -> torch.Tensor:
-        context = torch.cat(c_crossattn, 1) if c_crossattn else None
-        return self.diffusion_model(x, t, context=context)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_crossattn: list[torch.Tensor]) -> torch.Tensor:
+        """eps [B, C, h, w] for x [B, C, h, w] at t [B]; the text contexts [B, L, D] are joined along L."""
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
 
 
 class DDPM(pl.LightningModule):
-    """Epsilon-prediction diffusion with a fixed beta schedule."""
+    """Epsilon-prediction diffusion with a fixed beta schedule, conditioned through cross-attention.
+
+    The reference's parameters are accepted. Those selecting something this project does not implement (EMA
+    weights, checkpoint loading at construction, other parameterizations or conditionings, a learnt logvar, an
+    LR scheduler, the VLB loss term) raise ``ValueError`` naming the parameter unless they keep their default
+    (:func:`ldm.util.check_supported`). ``image_size``, ``monitor``, ``log_every_t`` and ``clip_denoised`` only serve
+    the reference's training script and ancestral sampler, which are not part of this project: any value is accepted.
+    """
 
     def __init__(
         self,
@@ -90,7 +95,7 @@ class DDPM(pl.LightningModule):
         beta_schedule: str = "linear",
         loss_type: str = "l2",
         ckpt_path: str | None = None,
-        ignore_keys: tuple = (),
+        ignore_keys: Sequence[str] = (),
         load_only_unet: bool = False,
         monitor: str = "val/loss",
         use_ema: bool = True,
@@ -118,27 +123,33 @@ class DDPM(pl.LightningModule):
         reset_num_ema_updates: bool = False,
     ):
         super().__init__()
-        if parameterization != "eps":
-            raise ValueError("only parameterization 'eps' is supported")
-        if use_ema:
-            raise ValueError("use_ema is not supported: set use_ema: False in the config")
-        if ckpt_path is not None:
-            raise ValueError("ckpt_path in the config is not supported: load checkpoints with cldm.model")
-        self.parameterization = parameterization
+        owner = type(self).__name__
+        check_supported(owner, "parameterization", parameterization, "eps")
+        check_supported(owner, "conditioning_key", conditioning_key, "crossattn")
+        check_supported(owner, "use_ema", use_ema, False)
+        check_supported(owner, "ckpt_path", ckpt_path, None, hint="load checkpoints with cldm.model.load_state_dict")
+        for name, value, default in (
+            ("ignore_keys", ignore_keys, ()),
+            ("load_only_unet", load_only_unet, False),
+            ("make_it_fit", make_it_fit, False),
+            ("reset_ema", reset_ema, False),
+            ("reset_num_ema_updates", reset_num_ema_updates, False),
+            ("scheduler_config", scheduler_config, None),
+            ("use_positional_encodings", use_positional_encodings, False),
+            ("learn_logvar", learn_logvar, False),
+            ("original_elbo_weight", original_elbo_weight, 0.0),
+        ):
+            check_supported(owner, name, value, default)
+        check_supported(owner, "loss_type", loss_type, "l2", "l1")
+        self.parameterization = parameterization  # the reference's attribute, which samplers read
         self.first_stage_key = first_stage_key
-        self.image_size = image_size
         self.channels = channels
-        self.log_every_t = log_every_t
-        self.clip_denoised = clip_denoised
         self.loss_type = loss_type
         self.l_simple_weight = l_simple_weight
-        self.original_elbo_weight = original_elbo_weight
-        self.monitor = monitor
-        self.use_ema = use_ema
         self.ucg_training = dict(ucg_training or {})
         self.ucg_prng = np.random.RandomState()
         self.ucg_seed: int | None = None  # when set, each process draws its drops from ucg_seed + its rank
-        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.model = DiffusionWrapper(unet_config)
         betas = np.asarray(given_betas) if given_betas is not None else make_beta_schedule(
             beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s
         )
@@ -148,7 +159,6 @@ class DDPM(pl.LightningModule):
     def register_schedule(self, betas: np.ndarray, v_posterior: float = 0.0) -> None:
         """Register the float32 schedule buffers (on CPU, even when built on the meta device)."""
         self.num_timesteps = int(betas.shape[0])
-        self.v_posterior = v_posterior
         for name, value in schedule_arrays(betas, v_posterior).items():
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"))
 
@@ -169,20 +179,16 @@ class DDPM(pl.LightningModule):
         """Element-wise loss (``l2`` or ``l1``), not reduced."""
         if self.loss_type == "l2":
             return torch.nn.functional.mse_loss(target, pred, reduction="none")
-        if self.loss_type == "l1":
-            return (target - pred).abs()
-        raise ValueError(f"unknown loss_type '{self.loss_type}'")
+        return (target - pred).abs()
 
     def p_losses(
         self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The reference's training loss at timesteps t [B] for clean latents x_start [B, C, h, w].
 
-        loss = l_simple_weight * mean(||eps - eps_theta(x_t, t, c)||^2 / exp(logvar_t) + logvar_t);
-        the reference's VLB term is only supported with ``original_elbo_weight = 0``.
+        loss = l_simple_weight * mean(||eps - eps_theta(x_t, t, c)||^2 / exp(logvar_t) + logvar_t) (the reference's
+        loss with ``original_elbo_weight = 0``).
         """
-        if self.original_elbo_weight != 0:
-            raise ValueError("original_elbo_weight other than 0 is not supported")
         noise = torch.randn_like(x_start) if noise is None else noise
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_output = self.apply_model(x_noisy, t, cond)
@@ -227,7 +233,12 @@ class DDPM(pl.LightningModule):
 
 
 class LatentDiffusion(DDPM):
-    """DDPM in the VAE's latent space, conditioned on text through cross-attention."""
+    """DDPM in the VAE's latent space, conditioned on text through cross-attention.
+
+    Reference parameters that select something this project does not implement (a trainable or unconditional cond
+    stage, ``cond_stage_forward``, ``scale_by_std``, ``num_timesteps_cond`` > 1, concat conditioning) raise
+    ``ValueError`` naming the parameter unless they keep their default (:func:`ldm.util.check_supported`).
+    """
 
     def __init__(
         self,
@@ -245,15 +256,20 @@ class LatentDiffusion(DDPM):
         *args: Any,
         **kwargs: Any,
     ):
-        if scale_by_std:
-            raise ValueError("scale_by_std is not supported: give scale_factor in the config")
-        if cond_stage_trainable:
-            raise ValueError("a trainable cond stage is not supported")
-        if num_timesteps_cond not in (None, 1):
-            raise ValueError("num_timesteps_cond other than 1 is not supported")
+        owner = type(self).__name__
+        check_supported(owner, "num_timesteps_cond", num_timesteps_cond, None, 1)
+        check_supported(owner, "cond_stage_trainable", cond_stage_trainable, False)
+        check_supported(owner, "cond_stage_forward", cond_stage_forward, None)
+        check_supported(owner, "scale_by_std", scale_by_std, False, hint="give scale_factor in the config")
+        check_supported(owner, "force_null_conditioning", force_null_conditioning, False)
+        for name, config in (("first_stage_config", first_stage_config), ("cond_stage_config", cond_stage_config)):
+            if isinstance(config, str):  # the reference's "__is_first_stage__" / "__is_unconditional__"
+                raise unsupported_parameter(owner, name, config, "a config with a target")
+        if conditioning_key is None:  # the reference derives it from concat_mode
+            check_supported(owner, "concat_mode", concat_mode, False, hint="set conditioning_key: crossattn")
+            conditioning_key = "crossattn"
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
         self.cond_stage_key = cond_stage_key
-        self.cond_stage_trainable = cond_stage_trainable
         self.scale_factor = scale_factor
         self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
         self.decode_channels_last = True  # a public switch (the fast path's default), set by cldm.inference.use_path

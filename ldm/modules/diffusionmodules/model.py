@@ -10,14 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.modules.winograd import Conv2d
+from ldm.util import check_supported
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:  # noqa: N802 - reference name
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
-
-
-def nonlinearity(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
 
 
 def nonlinearity_of_temporary(x: torch.Tensor) -> torch.Tensor:
@@ -54,41 +51,28 @@ class Downsample(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        out_channels: int | None = None,
-        conv_shortcut: bool = False,
-        dropout: float = 0.0,
-        temb_channels: int = 0,
-        num_groups: int = 32,
-    ):
+    """The VAE's residual block (no timestep input): x [B, in_channels, H, W] -> [B, out_channels, H, W], a 1x1
+    ``nin_shortcut`` when the widths differ."""
+
+    def __init__(self, *, in_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 num_groups: int = 32):  # fmt: skip
         super().__init__()
         out_channels = out_channels or in_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.use_conv_shortcut = conv_shortcut
         self.norm1 = Normalize(in_channels, num_groups)
         self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        if temb_channels > 0:
-            self.temb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = Normalize(out_channels, num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
-            if conv_shortcut:
-                self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-            else:
-                self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(nonlinearity_of_temporary(self.norm1(x)))
-        if temb is not None:
-            h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
         h = self.conv2(self.dropout(nonlinearity_of_temporary(self.norm2(h))))
         if self.in_channels != self.out_channels:
-            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+            x = self.nin_shortcut(x)
         return x + h
 
 
@@ -113,16 +97,26 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
+ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")  # the reference's xformers variant computes the same
+
+
+def check_attention(owner: str, use_linear_attn: bool, attn_type: str) -> None:
+    """``ValueError`` naming the parameter for the reference's linear attention or an attention type not implemented."""
+    check_supported(owner, "use_linear_attn", use_linear_attn, False)
+    check_supported(owner, "attn_type", attn_type, *ATTN_TYPES)
+
+
 def make_attn(in_channels: int, attn_type: str = "vanilla", num_groups: int = 32) -> nn.Module:
-    if attn_type in ("vanilla", "vanilla-xformers"):
-        return AttnBlock(in_channels, num_groups)
-    if attn_type == "none":
-        return nn.Identity()
-    raise ValueError(f"attn_type {attn_type} unknown")
+    """The self-attention block of ``attn_type`` (one of :data:`ATTN_TYPES`, checked by :func:`check_attention`)."""
+    return nn.Identity() if attn_type == "none" else AttnBlock(in_channels, num_groups)
 
 
 class Encoder(nn.Module):
-    """Image [B, in_channels, H, W] -> moments [B, 2*z_channels (double_z) or z_channels, H/f, W/f]."""
+    """Image [B, in_channels, H, W] -> moments [B, 2*z_channels (double_z) or z_channels, H/f, W/f].
+
+    Takes the autoencoder's whole ``ddconfig``, as the reference: ``ignore_kwargs`` holds the Decoder's keys.
+    ``ValueError`` naming the parameter for an attention type not implemented (:func:`check_attention`).
+    """
 
     def __init__(
         self,
@@ -144,14 +138,10 @@ class Encoder(nn.Module):
         **ignore_kwargs: object,
     ):
         super().__init__()
+        check_attention(type(self).__name__, use_linear_attn, attn_type)
         res_block = partial(ResnetBlock, dropout=dropout, num_groups=norm_num_groups)
-        if use_linear_attn:
-            attn_type = "linear"
-        self.ch = ch
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
-        self.resolution = resolution
-        self.in_channels = in_channels
         self.conv_in = Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         curr_res = resolution
         in_ch_mult = (1,) + tuple(ch_mult)
@@ -194,7 +184,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f]."""
+    """Latent [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f] (``give_pre_end``: the features before the
+    output norm and conv; ``tanh_out``: squashed by tanh).
+
+    Takes the autoencoder's whole ``ddconfig``, as the reference: ``ignore_kwargs`` holds the Encoder's keys.
+    ``ValueError`` naming the parameter for an attention type not implemented (:func:`check_attention`).
+    """
 
     def __init__(
         self,
@@ -217,19 +212,14 @@ class Decoder(nn.Module):
         **ignore_kwargs: object,
     ):
         super().__init__()
+        check_attention(type(self).__name__, use_linear_attn, attn_type)
         res_block = partial(ResnetBlock, dropout=dropout, num_groups=norm_num_groups)
-        if use_linear_attn:
-            attn_type = "linear"
-        self.ch = ch
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
-        self.resolution = resolution
-        self.in_channels = in_channels
         self.give_pre_end = give_pre_end
         self.tanh_out = tanh_out
         block_in = ch * ch_mult[self.num_resolutions - 1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
-        self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = res_block(in_channels=block_in, out_channels=block_in)

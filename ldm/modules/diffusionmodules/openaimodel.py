@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
-    avg_pool_nd,
     checkpoint,
     conv_nd,
     linear,
@@ -24,6 +23,7 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
     zero_module,
 )
+from ldm.util import check_supported, unsupported_parameter
 
 
 class TimestepBlock(nn.Module):
@@ -55,15 +55,11 @@ class Upsample(nn.Module):
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
-        self.dims = dims
         if use_conv:
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
@@ -74,12 +70,11 @@ class Downsample(nn.Module):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
-        stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
-            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=2, padding=padding)
         else:
             assert self.channels == self.out_channels
-            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -94,7 +89,6 @@ class ResBlock(TimestepBlock):
         emb_channels: int,
         dropout: float,
         out_channels: int | None = None,
-        use_conv: bool = False,
         use_scale_shift_norm: bool = False,
         dims: int = 2,
         use_checkpoint: bool = False,
@@ -129,8 +123,6 @@ class ResBlock(TimestepBlock):
         )
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
-        elif use_conv:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
         else:
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
@@ -168,7 +160,13 @@ def attention_heads(ch: int, num_heads: int, num_head_channels: int, legacy: boo
 
 
 class UNetConfig:
-    """Structural hyper-parameters shared by the UNet and the ControlNet, validated once."""
+    """Structural hyper-parameters shared by the UNet and the ControlNet, validated once.
+
+    Only the 2-D cross-attention UNet is implemented: ``use_spatial_transformer`` must be true with a
+    ``context_dim``, and the reference parameters of its other variants must keep their defaults (``dims`` 2,
+    ``num_heads_upsample`` -1, ``use_new_attention_order`` False, ``n_embed`` None); otherwise ``ValueError``
+    naming the parameter and ``owner`` (the class it was given to; :func:`ldm.util.check_supported`).
+    """
 
     def __init__(
         self,
@@ -194,9 +192,18 @@ class UNetConfig:
         disable_middle_self_attn: bool = False,
         use_linear_in_transformer: bool = False,
         norm_num_groups: int = 32,
+        num_heads_upsample: int = -1,
+        use_new_attention_order: bool = False,
+        n_embed: int | None = None,
+        owner: str = "UNetModel",
     ):
-        if not use_spatial_transformer or context_dim is None:
-            raise ValueError("only the cross-attention UNet (use_spatial_transformer with context_dim) is supported")
+        check_supported(owner, "use_spatial_transformer", use_spatial_transformer, True)
+        if context_dim is None:
+            raise unsupported_parameter(owner, "context_dim", context_dim, "cross-attention: an int or a list of ints")
+        check_supported(owner, "dims", dims, 2)
+        check_supported(owner, "num_heads_upsample", num_heads_upsample, -1)
+        check_supported(owner, "use_new_attention_order", use_new_attention_order, False)
+        check_supported(owner, "n_embed", n_embed, None)
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("either num_heads or num_head_channels has to be set")
         channel_mult = list(channel_mult)
@@ -208,7 +215,7 @@ class UNetConfig:
             raise ValueError("disable_self_attentions needs one entry per channel_mult level")
         if num_attention_blocks is not None and len(num_attention_blocks) != len(channel_mult):
             raise ValueError("num_attention_blocks needs one entry per channel_mult level")
-        if context_dim is not None and not isinstance(context_dim, int):
+        if not isinstance(context_dim, int):
             context_dim = list(context_dim)
         self.in_channels = in_channels
         self.model_channels = model_channels
@@ -323,17 +330,13 @@ class UNetModel(nn.Module):
         out_channels: int,
         num_classes: int | None = None,
         use_fp16: bool = False,
-        num_heads_upsample: int = -1,
-        use_new_attention_order: bool = False,
-        n_embed: int | None = None,
         **structure: Any,
     ):
         """``structure``: the yaml's shape parameters (``in_channels``, ``model_channels``, ...), see
-        :class:`UNetConfig`; the other reference parameters are accepted and must keep their defaults."""
+        :class:`UNetConfig`. ``num_classes`` (a class-conditional UNet) must stay None: ``ValueError`` otherwise."""
         super().__init__()
-        if num_classes is not None or n_embed is not None:
-            raise ValueError("class-conditional and codebook UNets are not supported")
-        cfg = UNetConfig(**structure)
+        check_supported(type(self).__name__, "num_classes", num_classes, None)
+        cfg = UNetConfig(**structure, owner=type(self).__name__)
         in_channels, model_channels, dims = cfg.in_channels, cfg.model_channels, cfg.dims
         self.image_size = image_size
         self.in_channels = in_channels

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ldm.modules.winograd import Conv2d
+from ldm.util import check_supported
 
 
 def make_beta_schedule(
@@ -95,19 +96,10 @@ def normalization(channels: int, num_groups: int = 32) -> nn.Module:
 
 
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
-    if dims == 1:
-        return nn.Conv1d(*args, **kwargs)
-    if dims == 2:
-        return Conv2d(*args, **kwargs)
-    if dims == 3:
-        return nn.Conv3d(*args, **kwargs)
-    raise ValueError(f"unsupported dimensions: {dims}")
-
-
-def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
-    if dims in (1, 2, 3):
-        return (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](*args, **kwargs)
-    raise ValueError(f"unsupported dimensions: {dims}")
+    """The reference's convolution factory: a :class:`ldm.modules.winograd.Conv2d`; ``dims`` other than 2 raise
+    ``ValueError``."""
+    check_supported("conv_nd", "dims", dims, 2)
+    return Conv2d(*args, **kwargs)
 
 
 def linear(*args: Any, **kwargs: Any) -> nn.Module:
@@ -127,9 +119,8 @@ def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: tuple) -> tor
     return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
-def noise_like(shape: tuple, device: torch.device, repeat: bool = False) -> torch.Tensor:
-    if repeat:
-        return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
+def noise_like(shape: tuple, device: torch.device) -> torch.Tensor:
+    """Standard normal noise of ``shape`` from torch's global generator."""
     return torch.randn(shape, device=device)
 
 

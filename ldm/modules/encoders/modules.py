@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.modules.encoders.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer, tokenize
+from ldm.util import check_supported
 
 # Text config of openai/clip-vit-large-patch14 (its config.json ``text_config``).
 CLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
@@ -49,11 +50,6 @@ CLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
         eos_token_id=2,
     ),
 }
-
-
-class AbstractEncoder(nn.Module):
-    def encode(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
 
 
 class CLIPTextTransformer(nn.Module):
@@ -98,8 +94,13 @@ def clip_text_config(version: str, overrides: Mapping[str, Any] | None = None) -
     return config
 
 
-class FrozenCLIPEmbedder(AbstractEncoder):
-    """Prompts -> CLIP text hidden states [B, 77, hidden_size] (last layer, or ``layer_idx`` with ``hidden``)."""
+class FrozenCLIPEmbedder(nn.Module):
+    """Prompts -> CLIP text hidden states [B, 77, hidden_size] (last layer, or ``layer_idx`` with ``hidden``).
+
+    ``version`` selects the local text config (:data:`CLIP_TEXT_CONFIGS`; ``text_config`` overrides its fields).
+    ``device`` is accepted for config compatibility with any value: tokens follow the weights' device.
+    ``ValueError`` for an unknown ``layer`` or a ``hidden`` layer without a valid ``layer_idx``.
+    """
 
     LAYERS = ("last", "pooled", "hidden")
 
@@ -114,8 +115,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         text_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        if layer not in self.LAYERS:
-            raise ValueError(f"layer must be one of {self.LAYERS}")
+        check_supported(type(self).__name__, "layer", layer, *self.LAYERS)
         if layer == "hidden" and (layer_idx is None or not 0 <= abs(layer_idx) <= 12):
             raise ValueError("layer 'hidden' needs layer_idx in [-12, 12]")
         self.tokenizer = load_clip_tokenizer()
@@ -253,8 +253,6 @@ class OpenCLIPTextModel(nn.Module):
 
     def __init__(self, config: OpenCLIPTextConfig):
         super().__init__()
-        self.context_length = config.context_length
-        self.vocab_size = config.vocab_size
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
         self.text_projection = nn.Parameter(torch.empty(config.width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
@@ -319,12 +317,13 @@ def openclip_tokenize(tokenizer: CLIPTokenizer, prompts: list[str] | str, contex
     return result
 
 
-class FrozenOpenCLIPEmbedder(AbstractEncoder):
+class FrozenOpenCLIPEmbedder(nn.Module):
     """Prompts -> OpenCLIP text hidden states [B, 77, width] after ``ln_final`` (last or penultimate block).
 
-    ``version`` (the reference's pretrained tag) and ``device`` are kept for config compatibility
-    only: the weights come from the checkpoint and tokens follow the weights' device.
-    ``text_config`` overrides fields of the ``arch`` config.
+    ``version`` (the reference's pretrained tag) and ``device`` are accepted for config compatibility with any
+    value: the weights come from the checkpoint and tokens follow the weights' device. ``text_config`` overrides
+    fields of the ``arch`` config. ``ValueError`` for an unknown ``arch`` or ``layer``, or a ``max_length`` other
+    than the config's context length.
     """
 
     LAYERS = ("last", "penultimate")
@@ -340,14 +339,12 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         text_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        if layer not in self.LAYERS:
-            raise ValueError(f"layer must be one of {self.LAYERS}")
+        owner = type(self).__name__
+        check_supported(owner, "layer", layer, *self.LAYERS)
         config = openclip_text_config(arch, text_config)
-        if max_length != config.context_length:
-            raise ValueError(f"max_length {max_length} must equal the context length {config.context_length}")
+        check_supported(owner, "max_length", max_length, config.context_length)
         self.tokenizer = load_clip_tokenizer()
         self.model = OpenCLIPTextModel(config)
-        self.version = version
         self.max_length = max_length
         if freeze:
             self.freeze()
