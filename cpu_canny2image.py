@@ -94,7 +94,8 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
 def run(args: argparse.Namespace) -> int:
     from cldm.inference import path_from_args
     from cldm.pipeline import Canny2Image, choose_model, read_image
-    from ldm.device import resolve_device, set_threads, tune_allocator
+    from ldm.device import resolve_device, set_threads
+    from ldm.memory import tune_allocator
 
     try:
         choice = choose_model(args.ckpt, args.config, args.demo)

@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from cldm.inference import path_from_args
     from cldm.pipeline import DEMO_IMAGE, Canny2Image, CannyParams, choose_model, demo_params, describe_demo
-    from ldm.device import resolve_device, set_threads, tune_allocator
+    from ldm.device import resolve_device, set_threads
+    from ldm.memory import tune_allocator
 
     try:
         choice = choose_model(args.ckpt, args.config, args.demo)

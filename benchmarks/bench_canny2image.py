@@ -159,7 +159,8 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     import torch
 
     from cldm.inference import get_path, use_path
-    from cldm.model import load_model, release_mapped_weights
+    from cldm.model import load_model
+    from ldm.memory import release_mapped_weights
     from ldm.modules.winograd import set_conv_algorithm
 
     start = time.perf_counter()
@@ -266,7 +267,7 @@ def worker(args: argparse.Namespace) -> int:
     """One path in this process; writes its figures (and the decoded image) to ``args.worker_out``."""
     import torch
 
-    from ldm.device import tune_allocator
+    from ldm.memory import tune_allocator
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from ldm.memory import LOW_MEMORY_DTYPE, compute_in_float32
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
 
@@ -179,7 +180,7 @@ def load_model(
     The model is created on the meta device, the checkpoint is memory-mapped and its tensors become
     the parameters (cast only where their dtype differs from ``dtype``). With ``low_memory`` the
     parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
-    layer computes in float32 (:func:`compute_in_float32`); buffers stay float32. Returns the model in
+    layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model in
     eval mode on ``device``. Raises :class:`CheckpointError` on any config or checkpoint problem.
     """
     config = model_config(config_path, base)
@@ -194,7 +195,7 @@ def load_model(
             state_dict[name] = own[name]
 
     def target(name: str) -> torch.dtype:
-        return torch.bfloat16 if low_memory and name in params else dtype
+        return LOW_MEMORY_DTYPE if low_memory and name in params else dtype
 
     state_dict = {
         k: v.to(target(k)) if v.is_floating_point() and v.dtype != target(k) else v for k, v in state_dict.items()
@@ -204,82 +205,6 @@ def load_model(
     if low_memory:
         compute_in_float32(model)
     return model.to(torch.device(device)).eval()
-
-
-def compute_in_float32(model: nn.Module) -> int:
-    """Make every module whose own parameters are half precision compute in float32: each call sees
-    float32 copies of its parameters (made per call, freed after). Returns the number of modules."""
-    count = 0
-    for module in model.modules():
-        names = [n for n, p in module.named_parameters(recurse=False) if p.dtype in (torch.bfloat16, torch.float16)]
-        if names:
-            module.forward = _float32_forward(module, names)
-            count += 1
-    return count
-
-
-def _float32_forward(module: nn.Module, names: list[str]) -> Any:
-    forward = type(module).forward
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        held = {n: module._parameters[n] for n in names}
-        try:
-            for n, p in held.items():
-                module._parameters[n] = p.float()
-            return forward(module, *args, **kwargs)
-        finally:
-            module._parameters.update(held)
-
-    return call
-
-
-MADV_DONTNEED = 4  # Linux madvise(2): drop the pages; a file-backed page is read back on its next use
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """Sorted (start, end) addresses of this process's memory mappings of files (empty off Linux)."""
-    maps = Path("/proc/self/maps")
-    if not maps.is_file():
-        return []
-    spans = []
-    for line in maps.read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # an inode: a real file
-            start, end = fields[0].split("-")
-            spans.append((int(start, 16), int(end, 16)))
-    return sorted(spans)
-
-
-def release_mapped_weights(*modules: nn.Module) -> int:
-    """Drop from RAM the pages of the modules' parameters and buffers that are memory-mapped from a checkpoint
-    (``load_model`` maps every tensor whose dtype the file already has, e.g. a bfloat16 checkpoint in low-memory
-    mode). The kernel reads them back from the page cache, or the file, when they are next used: the process
-    holds one stage's weights at a time (text encoder, UNet + ControlNet, VAE). Tensors in ordinary memory are
-    left alone. Mapped weights must not have been modified in place (the file's values come back). Returns
-    the bytes released; 0 off Linux."""
-    spans = _file_mappings()
-    if not spans:
-        return 0
-    import bisect
-    import ctypes
-
-    page = os.sysconf("SC_PAGE_SIZE")
-    storages = {}
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            storage = tensor.untyped_storage()
-            if tensor.device.type == "cpu" and storage.nbytes():
-                storages[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
-    libc = ctypes.CDLL(None, use_errno=True)
-    released = 0
-    for start, end in sorted(storages.items()):
-        i = bisect.bisect_right(spans, (start, float("inf"))) - 1
-        if i < 0 or end > spans[i][1]:
-            continue  # not (wholly) inside a file mapping: ordinary memory
-        first, last = -(-start // page) * page, end // page * page  # whole pages only: neighbours stay
-        if last > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0:
-            released += last - first
-    return released
 
 
 def fill_zero_parameters(model: nn.Module, std: float, generator: torch.Generator) -> int:
