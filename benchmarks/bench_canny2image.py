@@ -92,7 +92,7 @@ def make_inputs(ckpt: Path, resolution: int, out: Path) -> None:
 
     from annotator.canny import CannyDetector
     from annotator.util import HWC3, resize_image
-    from cldm.model import load_state_dict
+    from cldm.checkpoint import load_state_dict
     from cldm.pipeline import read_image
     from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
@@ -216,7 +216,7 @@ def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -
     from omegaconf import OmegaConf
 
     from benchmarks.diffusers_port import convert_to_diffusers
-    from cldm.model import load_state_dict
+    from cldm.checkpoint import load_state_dict
 
     start = time.perf_counter()
     original = OmegaConf.to_container(OmegaConf.load(CONFIG), resolve=True)

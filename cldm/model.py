@@ -1,14 +1,13 @@
-"""Model creation and checkpoint loading: the one checkpoint loader of this project.
+"""Model construction from a yaml config: ``create_model`` (the reference's API, fresh weights) and
+``load_model``, the fast path the scripts use: the model is built on the meta device and the memory-mapped
+checkpoint tensors become its parameters, so the weights are never held twice in RAM.
 
-``create_model`` and ``load_state_dict`` keep the reference's API. ``load_model`` is the fast path
-the scripts use: it builds the model on the meta device and assigns the memory-mapped checkpoint
-tensors to it, so the weights are never held twice in RAM.
+Checkpoint files and key layouts live in :mod:`cldm.checkpoint`, memory measures in :mod:`ldm.memory`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,105 +15,16 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from cldm.checkpoint import CheckpointError, cast_weights, check_state_dict, save_checkpoint
+from cldm.checkpoint import load_state_dict as load_state_dict  # the reference API: from cldm.model import ...
 from ldm.memory import LOW_MEMORY_DTYPE, compute_in_float32
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
 
-# Buffers some checkpoints carry that the model recreates itself (transformers 4.x saved it).
-IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
-# Buffers the reference code saves but that a checkpoint may lack; the model's own value is used.
-OPTIONAL_KEYS = ("logvar",)
-CLIP_PREFIX = "cond_stage_model.transformer."
-CHECKPOINT_EXTENSIONS = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or config that cannot be used; the message is one line naming the file."""
-
-
-def _shorten(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
-def get_state_dict(d: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Unwrap a Lightning-style ``{"state_dict": ...}`` checkpoint."""
-    return d.get("state_dict", d)
-
-
-def _read_checkpoint(path: Path, location: str) -> Mapping[str, Any]:
-    if path.suffix.lower() == ".safetensors":
-        import safetensors.torch
-
-        return safetensors.torch.load_file(str(path), device=location)
-    try:
-        return torch.load(path, map_location=location, weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        # legacy (pre-zip) serialization cannot be memory-mapped
-        return torch.load(path, map_location=location, weights_only=True)
-
-
-def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop ignorable buffers and give transformers-5-style CLIP keys the released ``text_model.`` level."""
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        if key in IGNORED_KEYS:
-            continue
-        if key.startswith(CLIP_PREFIX) and not key.startswith(CLIP_PREFIX + "text_model."):
-            key = CLIP_PREFIX + "text_model." + key[len(CLIP_PREFIX):]
-            if key in IGNORED_KEYS:
-                continue
-        out[key] = value
-    return out
-
-
-def load_state_dict(ckpt_path: str | os.PathLike, location: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a ``.ckpt``/``.pth`` (memory-mapped, weights only) or ``.safetensors`` checkpoint.
-
-    Returns the flat state dict with keys normalised by :func:`normalize_keys`. Raises
-    :class:`CheckpointError` with a one-line message for a missing, truncated or corrupt file.
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        data = _read_checkpoint(path, location)
-    except Exception as err:  # torch, zipfile, pickle and safetensors errors all mean "unreadable"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from err
-    if not isinstance(data, Mapping):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-    state_dict = get_state_dict(data)
-    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path}: contains no tensors")
-    return normalize_keys(tensors)
-
-
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly the model's keys and shapes."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and k not in OPTIONAL_KEYS]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys ({_shorten(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_shorten(unexpected)})")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors with the wrong shape ({_shorten(wrong, 2)})")
-    if problems:
-        raise CheckpointError(f"{name}: does not match the model config: " + "; ".join(problems))
-
 
 def read_config(config_path: str | os.PathLike) -> Any:
+    """The yaml config as an OmegaConf object. Raises :class:`~cldm.checkpoint.CheckpointError` (a ``ValueError``)
+    when the file is missing, not yaml, or has no ``model.target``."""
     path = Path(config_path)
     if not path.is_file():
         raise CheckpointError(f"{path}: config file not found")
@@ -180,8 +90,9 @@ def load_model(
     The model is created on the meta device, the checkpoint is memory-mapped and its tensors become
     the parameters (cast only where their dtype differs from ``dtype``). With ``low_memory`` the
     parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
-    layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model in
-    eval mode on ``device``. Raises :class:`CheckpointError` on any config or checkpoint problem.
+    layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model
+    in eval mode on ``device``. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint
+    problem.
     """
     config = model_config(config_path, base)
     state_dict = load_state_dict(ckpt_path)
@@ -220,31 +131,6 @@ def fill_zero_parameters(model: nn.Module, std: float, generator: torch.Generato
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
                 changed += 1
     return changed
-
-
-def cast_weights(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating tensors cast to ``dtype``, except the diffusion schedule buffers, which stay float32
-    (bfloat16 would round alphas_cumprod[0] to 1.0 and break the DDIM coefficients)."""
-    return {
-        k: v.to(dtype) if v.is_floating_point() and k not in SCHEDULE_BUFFERS else v for k, v in state_dict.items()
-    }
-
-
-def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write ``{"state_dict": ...}`` atomically (``.safetensors`` for that suffix, else torch.save)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            import safetensors.torch
-
-            safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
-        else:
-            torch.save({"state_dict": dict(state_dict)}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def make_random_checkpoint(

@@ -17,9 +17,10 @@ from PIL import Image, UnidentifiedImageError
 
 from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
+from cldm.checkpoint import CheckpointError
 from cldm.cldm import control_scales_for
 from cldm.inference import InferencePath, get_path, use_path
-from cldm.model import CheckpointError, load_model
+from cldm.model import load_model
 from ldm.memory import release_mapped_weights
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import seed_everything

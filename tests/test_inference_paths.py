@@ -99,7 +99,7 @@ def test_paths_are_switches_of_the_same_model(model: torch.nn.Module) -> None:
 
 
 def test_half_precision_schedule_in_a_file_is_replaced(tiny_ckpt, tmp_path) -> None:
-    from cldm.model import load_state_dict, save_checkpoint
+    from cldm.checkpoint import load_state_dict, save_checkpoint
 
     sd = load_state_dict(tiny_ckpt)
     path = tmp_path / "bf16_schedule.ckpt"

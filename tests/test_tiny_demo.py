@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cldm.model import create_model, load_model, load_state_dict, model_config
+from cldm.checkpoint import load_state_dict
+from cldm.model import create_model, load_model, model_config
 from cldm.pipeline import DEMO_CKPT, DEMO_COLORS, Canny2Image, CannyParams, demo_params
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY_CONFIG, V15_CONFIG

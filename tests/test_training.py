@@ -14,8 +14,9 @@ from PIL import Image
 
 import tool_add_control
 import tutorial_train
+from cldm.checkpoint import load_state_dict, save_checkpoint
 from cldm.data import write_webdataset
-from cldm.model import create_model, fill_zero_parameters, load_state_dict, make_random_checkpoint, save_checkpoint
+from cldm.model import create_model, fill_zero_parameters, make_random_checkpoint
 from ldm.modules.diffusionmodules.util import set_activation_checkpointing
 from tests.conftest import REPO, TINY_CONFIG, with_flags
 from tools.make_fill50k import make_fill50k

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cldm.model import CheckpointError, cast_weights, load_state_dict, save_checkpoint  # noqa: E402
+from cldm.checkpoint import CheckpointError, cast_weights, load_state_dict, save_checkpoint  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

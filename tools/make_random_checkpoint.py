@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cldm.model import CheckpointError, make_random_checkpoint  # noqa: E402
+from cldm.checkpoint import CheckpointError  # noqa: E402
+from cldm.model import make_random_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
