@@ -13,6 +13,7 @@ rename keys only: the tensors are the same objects (no copy, no dtype change).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,10 +195,130 @@ def ldm_to_sd(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v for k, v in state_dict.items() if not k.startswith(CONTROL_PREFIX)}
 
 
+# diffusers ResnetBlock2D names of the parts of an ldm ResBlock (after the block's own prefix).
+RESNET_PARTS = (
+    ("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
+    ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut."),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ControlNetShape:
+    """What the diffusers names of a ControlNet depend on: resolution levels, res blocks per level, hint convs."""
+
+    levels: int
+    layers: int
+    hint_convs: int
+
+    @property
+    def input_blocks(self) -> int:
+        """The ldm ``input_blocks`` (and ``zero_convs``): the stem conv, ``layers`` per level, a downsampler
+        between levels."""
+        return 1 + self.levels * self.layers + self.levels - 1
+
+    def prefixes(self) -> list[tuple[str, str, bool]]:
+        """``(ldm prefix, diffusers prefix, is a ResBlock)`` for every part of the ControlNet; ldm prefixes are
+        relative to ``control_model.``."""
+        pairs = [("time_embed.0.", "time_embedding.linear_1.", False),
+                 ("time_embed.2.", "time_embedding.linear_2.", False),
+                 ("input_hint_block.0.", "controlnet_cond_embedding.conv_in.", False),
+                 (f"input_hint_block.{2 * (self.hint_convs - 1)}.", "controlnet_cond_embedding.conv_out.", False),
+                 ("input_blocks.0.0.", "conv_in.", False),
+                 ("middle_block.0.", "mid_block.resnets.0.", True),
+                 ("middle_block.1.", "mid_block.attentions.0.", False),
+                 ("middle_block.2.", "mid_block.resnets.1.", True),
+                 ("middle_block_out.0.", "controlnet_mid_block.", False)]  # fmt: skip
+        # the hint encoder alternates convs and SiLUs: its inner convs are the even layers between the ends
+        pairs += [(f"input_hint_block.{2 * j}.", f"controlnet_cond_embedding.blocks.{j - 1}.", False)
+                  for j in range(1, self.hint_convs - 1)]  # fmt: skip
+        pairs += [(f"zero_convs.{i}.0.", f"controlnet_down_blocks.{i}.", False) for i in range(self.input_blocks)]
+        for i in range(1, self.input_blocks):
+            level, layer = divmod(i - 1, self.layers + 1)
+            if layer < self.layers:
+                pairs.append((f"input_blocks.{i}.0.", f"down_blocks.{level}.resnets.{layer}.", True))
+                pairs.append((f"input_blocks.{i}.1.", f"down_blocks.{level}.attentions.{layer}.", False))
+            else:
+                pairs.append((f"input_blocks.{i}.0.op.", f"down_blocks.{level}.downsamplers.0.conv.", False))
+        return pairs
+
+    @classmethod
+    def of_ldm(cls, keys: list[str]) -> ControlNetShape:
+        """The shape of the ControlNet whose ldm keys (without ``control_model.``) are ``keys``."""
+        blocks = _indices(keys, r"input_blocks\.(\d+)\.")
+        downsamplers = len(_indices(keys, r"input_blocks\.(\d+)\.0\.op\."))
+        levels = downsamplers + 1
+        if not blocks or (max(blocks) + 1 - levels) % levels:
+            raise CheckpointError(f"control_model: {max(blocks, default=-1) + 1} input blocks and {downsamplers} "
+                                  "downsamplers are not the layout of a ControlNet")  # fmt: skip
+        return cls(levels, (max(blocks) + 1 - levels) // levels, len(_indices(keys, r"input_hint_block\.(\d+)\.")))
+
+    @classmethod
+    def of_diffusers(cls, keys: list[str]) -> ControlNetShape:
+        """The shape of the diffusers ControlNetModel whose keys are ``keys``."""
+        levels = len(_indices(keys, r"down_blocks\.(\d+)\."))
+        layers = len(_indices(keys, r"down_blocks\.0\.resnets\.(\d+)\."))
+        return cls(levels, layers, len(_indices(keys, r"controlnet_cond_embedding\.blocks\.(\d+)\.")) + 2)
+
+
+def _indices(keys: list[str], pattern: str) -> set[int]:
+    """The distinct numbers that ``pattern``'s group matches at the start of ``keys``."""
+    regex = re.compile(pattern)
+    return {int(m.group(1)) for m in map(regex.match, keys) if m}
+
+
+def _rename(
+    state_dict: Mapping[str, torch.Tensor],
+    pairs: list[tuple[str, str, bool]],
+    parts: tuple[tuple[str, str], ...],
+    layout: str,
+) -> StateDict:
+    """Each key's longest matching prefix of ``pairs`` (source, target, is a ResBlock) replaced, and within a
+    ResBlock its part renamed by ``parts`` (source, target). Raises :class:`CheckpointError` for a key without
+    a counterpart."""
+    out = {}
+    for key, value in state_dict.items():
+        matches = [(src, dst, resnet) for src, dst, resnet in pairs if key.startswith(src)]
+        src, dst, resnet = max(matches, key=lambda m: len(m[0]), default=("", None, False))
+        rest = key[len(src) :]
+        if resnet:
+            part = next(((a, b) for a, b in parts if rest.startswith(a)), None)
+            rest = part[1] + rest[len(part[0]) :] if part else None
+        if dst is None or rest is None:
+            raise CheckpointError(f"{key}: not a ControlNet key of the {layout} layout")
+        out[dst + rest] = value
+    return out
+
+
+def controlnet_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """The ``control_model.*`` tensors of a ControlLDM state dict (reference keys) under the keys of
+    diffusers' ``ControlNetModel``: ``controlnet_cond_embedding.*`` (hint encoder), ``conv_in``,
+    ``time_embedding``, ``down_blocks.*``, ``mid_block.*``, ``controlnet_down_blocks.*`` (zero convs) and
+    ``controlnet_mid_block``. Other keys are left out (they belong to other diffusers models). Shapes
+    unchanged. Raises :class:`CheckpointError` for a ``control_model.*`` key the layout has no place for."""
+    control = {k: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+    if not control:
+        return {}
+    shape = ControlNetShape.of_ldm([k[len(CONTROL_PREFIX) :] for k in control])
+    pairs = [(CONTROL_PREFIX + src, dst, resnet) for src, dst, resnet in shape.prefixes()]
+    return _rename(control, pairs, RESNET_PARTS, "ldm")
+
+
+def diffusers_to_controlnet(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """The inverse of :func:`controlnet_to_diffusers`: a diffusers ``ControlNetModel`` state dict under the
+    reference's ``control_model.*`` keys. Raises :class:`CheckpointError` for a key it has no place for."""
+    if not state_dict:
+        return {}
+    pairs = ControlNetShape.of_diffusers(list(state_dict)).prefixes()
+    swapped = [(dst, CONTROL_PREFIX + src, resnet) for src, dst, resnet in pairs]
+    return _rename(state_dict, swapped, tuple((b, a) for a, b in RESNET_PARTS), "diffusers")
+
+
 LAYOUTS: dict[str, Layout] = {
     "ldm": Layout("the reference's keys (ControlNet 1.0 releases, the model's state_dict())", normalize_keys, dict),
     "sd": Layout("a Stable Diffusion checkpoint (ldm keys without control_model.*); into ldm the ControlNet gets "
                  "its copy of the UNet encoder, as tool_add_control.py initialises it", sd_to_ldm, ldm_to_sd),
+    "diffusers": Layout("diffusers' ControlNetModel: the ControlNet's tensors only", diffusers_to_controlnet,
+                        controlnet_to_diffusers),
 }  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""The table of checkpoint layouts (``cldm/checkpoint.py``): the ``sd`` row tool_add_control.py uses."""
+"""The table of checkpoint layouts (``cldm/checkpoint.py``): the ``sd`` row tool_add_control.py uses, and the
+``diffusers`` ControlNet row, checked against diffusers' own conversion on the tiny and the SD1.5 config."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cldm.checkpoint import LAYOUTS, convert
+from cldm.checkpoint import (
+    LAYOUTS,
+    CheckpointError,
+    ControlNetShape,
+    controlnet_to_diffusers,
+    convert,
+    diffusers_to_controlnet,
+)
 from cldm.model import model_config
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY_CONFIG, V15_CONFIG
@@ -28,9 +36,9 @@ def ldm_and_config(request: pytest.FixtureRequest) -> tuple[dict[str, torch.Tens
     return state_dict_of(config, device), config
 
 
-def test_the_table_has_the_reference_and_sd_rows() -> None:
-    assert list(LAYOUTS) == ["ldm", "sd"]
-    with pytest.raises(ValueError, match=r"unknown checkpoint layout 'kohya' .*ldm, sd\)"):
+def test_the_table_has_the_reference_sd_and_diffusers_rows() -> None:
+    assert list(LAYOUTS) == ["ldm", "sd", "diffusers"]
+    with pytest.raises(ValueError, match="unknown checkpoint layout 'kohya' .*ldm, sd, diffusers"):
         convert({}, "kohya", "ldm")
 
 
@@ -56,3 +64,51 @@ def test_sd_row_copies_the_unet_encoder_into_the_controlnet(ldm_and_config: tupl
     assert all(back[k].shape == ldm[k].shape for k in copied)
     assert convert(back, "ldm", "sd") == sd
     assert convert({**sd, CONTROL + "zero_convs.0.0.weight": torch.ones(1)}, "sd", "ldm") == back  # ignored
+
+
+def test_diffusers_row_equals_diffusers_conversion(ldm_and_config: tuple) -> None:
+    """Our mapping gives exactly the keys diffusers' ``convert_controlnet_checkpoint`` gives, with the same tensors
+    (hence shapes), and maps them back to the identical ``control_model.*`` keys and tensors."""
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    ldm, config = ldm_and_config
+    layers = model_config(config).params.control_stage_config.params.num_res_blocks
+    theirs = sfu.convert_controlnet_checkpoint(ldm, {"layers_per_block": layers})
+    ours = convert(ldm, "ldm", "diffusers")
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k] is theirs[k] for k in ours)
+    assert len(ours) == sum(k.startswith(CONTROL) for k in ldm)
+    named = {"controlnet_mid_block.weight", "controlnet_down_blocks.11.weight", "time_embedding.linear_2.bias",
+             "controlnet_cond_embedding.blocks.5.weight", "down_blocks.3.resnets.1.conv2.weight"}  # fmt: skip
+    assert named <= ours.keys()
+    back = convert(ours, "diffusers", "ldm")
+    control = {k: v for k, v in ldm.items() if k.startswith(CONTROL)}
+    assert list(back) == list(control) and all(back[k] is control[k] for k in control)
+
+
+def test_diffusers_row_matches_the_diffusers_model_at_sd15_size() -> None:
+    """The SD1.5 ControlNet under our diffusers keys has exactly the keys and shapes of diffusers'
+    ``ControlNetModel`` for SD1.5 (built on the meta device)."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        model = diffusers.ControlNetModel(cross_attention_dim=768)  # the other defaults are SD1.5's
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ours = controlnet_to_diffusers(state_dict_of(V15_CONFIG, "meta"))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == expected
+
+
+def test_controlnet_shape_is_read_from_either_layout(ldm_and_config: tuple) -> None:
+    ldm, _ = ldm_and_config
+    control = [k[len(CONTROL) :] for k in ldm if k.startswith(CONTROL)]
+    shape = ControlNetShape.of_ldm(control)
+    assert shape == ControlNetShape(levels=4, layers=2, hint_convs=8) and shape.input_blocks == 12
+    assert ControlNetShape.of_diffusers(list(controlnet_to_diffusers(ldm))) == shape
+
+
+def test_diffusers_row_names_keys_it_has_no_place_for() -> None:
+    ldm = state_dict_of(TINY_CONFIG, "meta")
+    with pytest.raises(CheckpointError, match=r"control_model\.extra\.weight: not a ControlNet key of the ldm"):
+        controlnet_to_diffusers({**ldm, CONTROL + "extra.weight": torch.zeros(1)})
+    converted = controlnet_to_diffusers(ldm)
+    with pytest.raises(CheckpointError, match=r"down_blocks\.0\.resnets\.0\.norm3\.weight: not a ControlNet key"):
+        diffusers_to_controlnet({**converted, "down_blocks.0.resnets.0.norm3.weight": torch.zeros(1)})
+    assert controlnet_to_diffusers({"betas": torch.zeros(3)}) == {} and diffusers_to_controlnet({}) == {}
