@@ -68,7 +68,7 @@ def ensure_checkpoint(path: Path) -> None:
     """Write the seeded full-size random checkpoint once (every layer random, so every path matters)."""
     if path.is_file():
         return
-    from cldm.model import make_random_checkpoint
+    from tools.make_random_checkpoint import make_random_checkpoint
 
     print(f"writing the full-size random checkpoint {path} (once) ...", file=sys.stderr)
     make_random_checkpoint(CONFIG, path, seed=0, fill_zeros_std=0.02)

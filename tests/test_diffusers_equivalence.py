@@ -17,7 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.diffusers_port import convert_to_diffusers
-from cldm.model import create_model, fill_zero_parameters
+from cldm.model import create_model
+from tools.make_random_checkpoint import fill_zero_parameters
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils", reason="diffusers has no single_file_utils")

@@ -16,10 +16,11 @@ import tool_add_control
 import tutorial_train
 from cldm.checkpoint import load_state_dict, save_checkpoint
 from cldm.data import write_webdataset
-from cldm.model import create_model, fill_zero_parameters, make_random_checkpoint
+from cldm.model import create_model
 from ldm.modules.diffusionmodules.util import set_activation_checkpointing
 from tests.conftest import REPO, TINY_CONFIG, with_flags
 from tools.make_fill50k import make_fill50k
+from tools.make_random_checkpoint import fill_zero_parameters, make_random_checkpoint
 
 LOCKED_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 
