@@ -56,7 +56,9 @@ class Float32Parameters:
 def compute_in_float32(model: nn.Module) -> int:
     """Make every module of ``model`` (the transformers text encoder's included) whose own parameters are
     bfloat16 or float16 compute in float32 (:class:`Float32Parameters` hooks; ``forward`` is not replaced).
-    The stored parameters stay the same tensors. Returns the number of modules hooked."""
+    The stored parameters stay the same tensors. Under ``torch.compile`` every hooked module is a graph break
+    (dynamo does not trace the ``nn.Parameter`` constructor); the numbers are the same. Returns the number of
+    modules hooked."""
     count = 0
     for module in model.modules():
         names = [n for n, p in module.named_parameters(recurse=False) if p.dtype in HALF_DTYPES]
