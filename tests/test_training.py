@@ -130,6 +130,20 @@ def test_first_prediction_equals_the_base_unet(ini_ckpt: Path) -> None:
     assert torch.equal(controlled, base) and base.abs().max() > 0
 
 
+def test_add_control_names_a_tensor_of_the_wrong_shape() -> None:
+    scratch = {"control_model.input_blocks.0.0.weight": torch.zeros(2),
+               "control_model.zero_convs.0.0.bias": torch.ones(2)}  # fmt: skip
+    pretrained = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"^model\.diffusion_model\.input_blocks\.0\.0\.weight: shape \(3,\) in the SD "
+                                         r"checkpoint, \(2,\) expected for control_model\.input_blocks\.0\.0\.weight"):
+        tool_add_control.add_control(scratch, pretrained)
+    pretrained["model.diffusion_model.input_blocks.0.0.weight"] = torch.full((2,), 3, dtype=torch.float64)
+    target, new = tool_add_control.add_control(scratch, pretrained)
+    assert new == ["control_model.zero_convs.0.0.bias"] and torch.equal(target[new[0]], scratch[new[0]])
+    copied = target["control_model.input_blocks.0.0.weight"]
+    assert copied.dtype == torch.float32 and copied.tolist() == [3.0, 3.0]
+
+
 @pytest.mark.parametrize("problem", ["exists", "missing"])
 def test_add_control_errors(base_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture, problem: str) -> None:
     out = tmp_path / "out.ckpt"
