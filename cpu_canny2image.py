@@ -96,7 +96,8 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
 def run(args: argparse.Namespace) -> int:
     from cldm.inference import path_from_args
     from cldm.pipeline import Canny2Image, read_image
-    from ldm.device import resolve_device, set_threads, tune_allocator
+    from ldm.device import resolve_device, set_threads
+    from ldm.memory import tune_allocator
     from share import choose_model
 
     try:

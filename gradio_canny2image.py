@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from cldm.inference import path_from_args
     from cldm.pipeline import Canny2Image, CannyParams
-    from ldm.device import resolve_device, set_threads, tune_allocator
+    from ldm.device import resolve_device, set_threads
+    from ldm.memory import tune_allocator
     from share import DEMO_IMAGE, choose_model, demo_params, describe_demo
 
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cldm.model import CheckpointError
+from cldm.checkpoint import CheckpointError
 from cldm.pipeline import CannyParams
 
 REPO = Path(__file__).resolve().parent

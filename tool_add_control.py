@@ -23,28 +23,26 @@ import torch
 REPO = Path(__file__).resolve().parent
 
 
-def control_source_key(key: str) -> str:
-    """The SD key a ControlLDM key is copied from (``control_model.X`` <- ``model.diffusion_model.X``)."""
-    if key.startswith("control_model."):
-        return "model.diffusion_model." + key.removeprefix("control_model.")
-    return key
-
-
 def add_control(
     scratch: Mapping[str, torch.Tensor], pretrained: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``(state dict, keys kept from scratch)``: each scratch key filled from ``pretrained`` when it has it."""
+    """``(state dict, keys kept from scratch)``: each key of the ``scratch`` ControlLDM state dict filled from the
+    SD checkpoint ``pretrained`` (the ``"sd"`` layout of ``cldm.checkpoint.LAYOUTS``) when it has it, cast to the
+    scratch dtype; tensors are copies. Raises ``ValueError`` for a tensor of the wrong shape."""
+    from cldm.checkpoint import control_source_key, convert
+
+    source = convert(pretrained, "sd", "ldm")
     target, new = {}, []
     for key, value in scratch.items():
-        source = pretrained.get(control_source_key(key))
-        if source is None:
+        found = source.get(key)
+        if found is None:
             target[key] = value.clone()
             new.append(key)
-        elif source.shape != value.shape:
-            raise ValueError(f"{control_source_key(key)}: shape {tuple(source.shape)} in the SD checkpoint, "
+        elif found.shape != value.shape:
+            raise ValueError(f"{control_source_key(key)}: shape {tuple(found.shape)} in the SD checkpoint, "
                              f"{tuple(value.shape)} expected for {key} (wrong --config?)")  # fmt: skip
         else:
-            target[key] = source.to(value.dtype).clone()
+            target[key] = found.to(value.dtype).clone()
     return target, new
 
 
@@ -63,8 +61,9 @@ def make_control_checkpoint(
     ``cldm.cldm.HINT_INITS``; zero convs at zero). Returns ``(copied ControlNet keys, newly initialised keys)``.
     Raises ``CheckpointError`` for an unreadable input, ``ValueError`` when a shape differs (wrong config) or
     the input has no UNet weights, ``OSError`` when the output cannot be written."""
+    from cldm.checkpoint import load_state_dict, save_checkpoint
     from cldm.cldm import kaiming_init_hint_encoder
-    from cldm.model import create_model, load_state_dict, save_checkpoint
+    from cldm.model import create_model
 
     pretrained = load_state_dict(input_path)
     torch.manual_seed(seed)
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                              "control is learnt in far fewer steps)")  # fmt: skip
     args = parser.parse_args(argv)
 
-    from cldm.model import CheckpointError
+    from cldm.checkpoint import CheckpointError
 
     out = Path(args.output_path)
     try:

@@ -88,7 +88,8 @@ def resume_path(args: argparse.Namespace, ckpt_dir: Path) -> str | None:
 
 def build_model(args: argparse.Namespace) -> Any:
     """The ControlLDM with the initial weights and the reference's training attributes set."""
-    from cldm.model import create_model, load_state_dict
+    from cldm.checkpoint import load_state_dict
+    from cldm.model import create_model
     from ldm.modules.diffusionmodules.util import set_activation_checkpointing
 
     model = create_model(args.config).cpu()

@@ -67,7 +67,7 @@ def ensure_checkpoint(path: Path) -> None:
     """Write the seeded full-size random checkpoint once (every layer random, so every path matters)."""
     if path.is_file():
         return
-    from cldm.model import make_random_checkpoint
+    from tools.make_random_checkpoint import make_random_checkpoint
 
     print(f"writing the full-size random checkpoint {path} (once) ...", file=sys.stderr)
     make_random_checkpoint(CONFIG, path, seed=0, fill_zeros_std=0.02)
@@ -92,7 +92,7 @@ def make_inputs(ckpt: Path, resolution: int, out: Path) -> None:
 
     from annotator.canny import CannyDetector
     from annotator.util import HWC3, resize_image
-    from cldm.model import load_state_dict
+    from cldm.checkpoint import load_state_dict
     from cldm.pipeline import read_image
     from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
@@ -161,7 +161,8 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     from cldm.control import Control
     from cldm.guidance import CFGDenoiser
     from cldm.inference import use_path
-    from cldm.model import load_model, release_mapped_weights
+    from cldm.model import load_model
+    from ldm.memory import release_mapped_weights
     from ldm.models.diffusion.sampling import sample_ddim
     from ldm.modules.winograd import set_conv_algorithm
 
@@ -211,7 +212,7 @@ def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -
     from diffusers import DDIMScheduler
     from omegaconf import OmegaConf
 
-    from cldm.model import load_state_dict
+    from cldm.checkpoint import load_state_dict
     from tests.diffusers_port import convert_to_diffusers
 
     start = time.perf_counter()
@@ -263,7 +264,7 @@ def worker(args: argparse.Namespace) -> int:
     """One path in this process; writes its figures (and the decoded image) to ``args.worker_out``."""
     import torch
 
-    from ldm.device import tune_allocator
+    from ldm.memory import tune_allocator
 
     if args.threads:
         torch.set_num_threads(args.threads)

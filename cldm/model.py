@@ -1,14 +1,13 @@
-"""Model creation and checkpoint loading: the one checkpoint loader of this project.
+"""Model construction from a yaml config: ``create_model`` (the reference's API, fresh weights) and
+``load_model``, the fast path the scripts use: the model is built on the meta device and the memory-mapped
+checkpoint tensors become its parameters, so the weights are never held twice in RAM.
 
-``create_model`` and ``load_state_dict`` keep the reference's API. ``load_model`` is the fast path
-the scripts use: it builds the model on the meta device and assigns the memory-mapped checkpoint
-tensors to it, so the weights are never held twice in RAM.
+Checkpoint files and key layouts live in :mod:`cldm.checkpoint`, memory measures in :mod:`ldm.memory`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,104 +15,16 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from cldm.checkpoint import CheckpointError, check_state_dict
+from cldm.checkpoint import load_state_dict as load_state_dict  # the reference API: from cldm.model import ...
+from ldm.memory import LOW_MEMORY_DTYPE, compute_in_float32
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
 
-# Buffers some checkpoints carry that the model recreates itself (transformers 4.x saved it).
-IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
-# Buffers the reference code saves but that a checkpoint may lack; the model's own value is used.
-OPTIONAL_KEYS = ("logvar",)
-CLIP_PREFIX = "cond_stage_model.transformer."
-CHECKPOINT_EXTENSIONS = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or config that cannot be used; the message is one line naming the file."""
-
-
-def _shorten(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
-def get_state_dict(d: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Unwrap a Lightning-style ``{"state_dict": ...}`` checkpoint."""
-    return d.get("state_dict", d)
-
-
-def _read_checkpoint(path: Path, location: str) -> Mapping[str, Any]:
-    if path.suffix.lower() == ".safetensors":
-        import safetensors.torch
-
-        return safetensors.torch.load_file(str(path), device=location)
-    try:
-        return torch.load(path, map_location=location, weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        # legacy (pre-zip) serialization cannot be memory-mapped
-        return torch.load(path, map_location=location, weights_only=True)
-
-
-def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop ignorable buffers and give transformers-5-style CLIP keys the released ``text_model.`` level."""
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        if key in IGNORED_KEYS:
-            continue
-        if key.startswith(CLIP_PREFIX) and not key.startswith(CLIP_PREFIX + "text_model."):
-            key = CLIP_PREFIX + "text_model." + key[len(CLIP_PREFIX):]
-            if key in IGNORED_KEYS:
-                continue
-        out[key] = value
-    return out
-
-
-def load_state_dict(ckpt_path: str | os.PathLike, location: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a ``.ckpt``/``.pth`` (memory-mapped, weights only) or ``.safetensors`` checkpoint.
-
-    Returns the flat state dict with keys normalised by :func:`normalize_keys`. Raises
-    :class:`CheckpointError` with a one-line message for a missing, truncated or corrupt file.
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        data = _read_checkpoint(path, location)
-    except Exception as err:  # torch, zipfile, pickle and safetensors errors all mean "unreadable"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from err
-    if not isinstance(data, Mapping):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-    state_dict = get_state_dict(data)
-    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path}: contains no tensors")
-    return normalize_keys(tensors)
-
-
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly the model's keys and shapes."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and k not in OPTIONAL_KEYS]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys ({_shorten(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_shorten(unexpected)})")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors with the wrong shape ({_shorten(wrong, 2)})")
-    if problems:
-        raise CheckpointError(f"{name}: does not match the model config: " + "; ".join(problems))
-
 
 def read_config(config_path: str | os.PathLike) -> Any:
+    """The yaml config as an OmegaConf object. Raises :class:`~cldm.checkpoint.CheckpointError` (a ``ValueError``)
+    when the file is missing, not yaml, or has no ``model.target``."""
     path = Path(config_path)
     if not path.is_file():
         raise CheckpointError(f"{path}: config file not found")
@@ -179,8 +90,9 @@ def load_model(
     The model is created on the meta device, the checkpoint is memory-mapped and its tensors become
     the parameters (cast only where their dtype differs from ``dtype``). With ``low_memory`` the
     parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
-    layer computes in float32 (:func:`compute_in_float32`); buffers stay float32. Returns the model in
-    eval mode on ``device``. Raises :class:`CheckpointError` on any config or checkpoint problem.
+    layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model
+    in eval mode on ``device``. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint
+    problem.
     """
     config = model_config(config_path, base)
     state_dict = load_state_dict(ckpt_path)
@@ -194,7 +106,7 @@ def load_model(
             state_dict[name] = own[name]
 
     def target(name: str) -> torch.dtype:
-        return torch.bfloat16 if low_memory and name in params else dtype
+        return LOW_MEMORY_DTYPE if low_memory and name in params else dtype
 
     state_dict = {
         k: v.to(target(k)) if v.is_floating_point() and v.dtype != target(k) else v for k, v in state_dict.items()
@@ -204,141 +116,3 @@ def load_model(
     if low_memory:
         compute_in_float32(model)
     return model.to(torch.device(device)).eval()
-
-
-def compute_in_float32(model: nn.Module) -> int:
-    """Make every module whose own parameters are half precision compute in float32: each call sees
-    float32 copies of its parameters (made per call, freed after). Returns the number of modules."""
-    count = 0
-    for module in model.modules():
-        names = [n for n, p in module.named_parameters(recurse=False) if p.dtype in (torch.bfloat16, torch.float16)]
-        if names:
-            module.forward = _float32_forward(module, names)
-            count += 1
-    return count
-
-
-def _float32_forward(module: nn.Module, names: list[str]) -> Any:
-    forward = type(module).forward
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        held = {n: module._parameters[n] for n in names}
-        try:
-            for n, p in held.items():
-                module._parameters[n] = p.float()
-            return forward(module, *args, **kwargs)
-        finally:
-            module._parameters.update(held)
-
-    return call
-
-
-MADV_DONTNEED = 4  # Linux madvise(2): drop the pages; a file-backed page is read back on its next use
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """Sorted (start, end) addresses of this process's memory mappings of files (empty off Linux)."""
-    maps = Path("/proc/self/maps")
-    if not maps.is_file():
-        return []
-    spans = []
-    for line in maps.read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # an inode: a real file
-            start, end = fields[0].split("-")
-            spans.append((int(start, 16), int(end, 16)))
-    return sorted(spans)
-
-
-def release_mapped_weights(*modules: nn.Module) -> int:
-    """Drop from RAM the pages of the modules' parameters and buffers that are memory-mapped from a checkpoint
-    (``load_model`` maps every tensor whose dtype the file already has, e.g. a bfloat16 checkpoint in low-memory
-    mode). The kernel reads them back from the page cache, or the file, when they are next used: the process
-    holds one stage's weights at a time (text encoder, UNet + ControlNet, VAE). Tensors in ordinary memory are
-    left alone. Mapped weights must not have been modified in place (the file's values come back). Returns
-    the bytes released; 0 off Linux."""
-    spans = _file_mappings()
-    if not spans:
-        return 0
-    import bisect
-    import ctypes
-
-    page = os.sysconf("SC_PAGE_SIZE")
-    storages = {}
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            storage = tensor.untyped_storage()
-            if tensor.device.type == "cpu" and storage.nbytes():
-                storages[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
-    libc = ctypes.CDLL(None, use_errno=True)
-    released = 0
-    for start, end in sorted(storages.items()):
-        i = bisect.bisect_right(spans, (start, float("inf"))) - 1
-        if i < 0 or end > spans[i][1]:
-            continue  # not (wholly) inside a file mapping: ordinary memory
-        first, last = -(-start // page) * page, end // page * page  # whole pages only: neighbours stay
-        if last > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0:
-            released += last - first
-    return released
-
-
-def fill_zero_parameters(model: nn.Module, std: float, generator: torch.Generator) -> int:
-    """Give every all-zero floating parameter N(0, std) values; returns how many tensors changed.
-
-    Zero-initialised layers (zero convs, ``proj_out``, the UNet's output conv) make a random model
-    ignore its control and predict zero noise; filling them gives checkpoints that exercise every path.
-    """
-    changed = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and p.numel() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
-                changed += 1
-    return changed
-
-
-def cast_weights(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating tensors cast to ``dtype``, except the diffusion schedule buffers, which stay float32
-    (bfloat16 would round alphas_cumprod[0] to 1.0 and break the DDIM coefficients)."""
-    return {
-        k: v.to(dtype) if v.is_floating_point() and k not in SCHEDULE_BUFFERS else v for k, v in state_dict.items()
-    }
-
-
-def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write ``{"state_dict": ...}`` atomically (``.safetensors`` for that suffix, else torch.save)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            import safetensors.torch
-
-            safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
-        else:
-            torch.save({"state_dict": dict(state_dict)}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def make_random_checkpoint(
-    config_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    seed: int = 0,
-    fill_zeros_std: float = 0.0,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, tuple[int, ...]]:
-    """Write a seeded random-weight checkpoint in the exact reference layout of ``config_path``.
-
-    With ``fill_zeros_std > 0`` the zero-initialised layers get small random values too. Floating
-    tensors are stored as ``dtype`` (``torch.float16`` halves the file; loading casts back).
-    Returns the written keys and shapes.
-    """
-    torch.manual_seed(seed)
-    model = create_model(config_path)
-    if fill_zeros_std > 0:
-        fill_zero_parameters(model, fill_zeros_std, torch.Generator().manual_seed(seed + 1))
-    state_dict = cast_weights(model.state_dict(), dtype)
-    save_checkpoint(state_dict, out_path)
-    return {k: tuple(v.shape) for k, v in state_dict.items()}

@@ -20,7 +20,8 @@ from annotator.util import HWC3, resize_image
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
 from cldm.inference import InferencePath, use_path
-from cldm.model import load_model, release_mapped_weights
+from cldm.model import load_model
+from ldm.memory import release_mapped_weights
 from ldm.models.diffusion.sampling import SAMPLERS, sampling_steps
 from ldm.util import seed_everything
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cldm.model import create_model, fill_zero_parameters, load_model, make_random_checkpoint
+from cldm.model import create_model, load_model
+from tools.make_random_checkpoint import fill_zero_parameters, make_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "models" / "cldm_tiny.yaml"

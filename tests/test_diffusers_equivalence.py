@@ -17,8 +17,9 @@ import torch
 from omegaconf import OmegaConf
 
 from cldm.control import Control
-from cldm.model import create_model, fill_zero_parameters
+from cldm.model import create_model
 from tests.diffusers_port import convert_to_diffusers
+from tools.make_random_checkpoint import fill_zero_parameters
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils", reason="diffusers has no single_file_utils")

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cldm.model import make_random_checkpoint
 from cldm.pipeline import Canny2Image, CannyParams, read_image
 from tests.conftest import REPO, TINY_CONFIG
+from tools.make_random_checkpoint import make_random_checkpoint
 
 GOLDEN = REPO / "tests" / "data" / "golden"
 CASES = {

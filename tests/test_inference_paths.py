@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,7 +107,7 @@ def test_paths_are_switches_of_the_same_model(model: torch.nn.Module) -> None:
 
 
 def test_half_precision_schedule_in_a_file_is_replaced(tiny_ckpt, tmp_path) -> None:
-    from cldm.model import load_state_dict, save_checkpoint
+    from cldm.checkpoint import load_state_dict, save_checkpoint
 
     sd = load_state_dict(tiny_ckpt)
     path = tmp_path / "bf16_schedule.ckpt"
@@ -143,30 +142,6 @@ def test_low_memory_mode_loads_and_samples(tiny_ckpt, tmp_path) -> None:
     assert low.alphas_cumprod.dtype == torch.float32 and torch.equal(low.alphas_cumprod, full.alphas_cumprod)
     assert low.alphas_cumprod[0] < 1  # the schedule was kept in float32
     assert diff.max() <= 1  # float32 compute: only the storage differs (the benchmark reports bf16 vs fp32 weights)
-
-
-def resident_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
-def test_release_mapped_weights_drops_pages_and_reads_them_back(tmp_path) -> None:
-    """Memory-mapped weights leave RAM and come back with the file's values; weights in ordinary memory stay."""
-    from cldm.model import release_mapped_weights
-
-    path = tmp_path / "w.pth"
-    torch.save({"w": torch.randn(16 * 2**20, generator=torch.Generator().manual_seed(0))}, path)  # 64 MiB
-    mapped = torch.nn.Linear(1, 1)
-    mapped.weight = torch.nn.Parameter(torch.load(path, mmap=True, weights_only=True)["w"], requires_grad=False)
-    before = float(mapped.weight.sum())  # touches every page
-    resident = resident_mb()
-    assert release_mapped_weights(mapped) >= 63 * 2**20
-    assert resident - resident_mb() > 48
-    assert float(mapped.weight.sum()) == before
-    ordinary = torch.nn.Linear(512, 512)
-    copy = ordinary.weight.detach().clone()
-    assert release_mapped_weights(ordinary) == 0 and torch.equal(ordinary.weight, copy)
 
 
 def test_benchmark_kernel_breakdown_counts_a_matmul() -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cldm.model import CheckpointError, load_model, load_state_dict, save_checkpoint
+from cldm.checkpoint import CheckpointError, load_state_dict, save_checkpoint
+from cldm.model import load_model
 from tests.conftest import TINY_CONFIG
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cldm.model import CheckpointError, check_state_dict, load_model, load_state_dict, read_config, save_checkpoint
+from cldm.checkpoint import CheckpointError, check_state_dict, load_state_dict, save_checkpoint
+from cldm.model import load_model, read_config
 from ldm.util import instantiate_from_config
 from tests.conftest import REPO, TINY_CONFIG, V15_CONFIG
 
@@ -103,7 +104,7 @@ def test_released_layout_loads_silently(tmp_path: Path, tiny_ckpt: Path, tiny_mo
 
 def test_reference_api_load_state_dict(tiny_ckpt: Path, tmp_path: Path) -> None:
     """``model.load_state_dict(load_state_dict(path))`` as in the reference scripts, incl. position_ids."""
-    from cldm.model import create_model
+    from cldm.model import create_model, load_state_dict  # the reference's imports
 
     path = _tiny_reference_style_checkpoint(tmp_path, tiny_ckpt)
     model = create_model(str(TINY_CONFIG))

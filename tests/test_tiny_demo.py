@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cldm.model import create_model, load_model, load_state_dict, model_config
+from cldm.checkpoint import load_state_dict
+from cldm.model import create_model, load_model, model_config
 from cldm.pipeline import Canny2Image, CannyParams
 from ldm.modules.winograd import set_conv_algorithm
 from ldm.util import instantiate_from_config

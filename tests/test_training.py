@@ -14,11 +14,13 @@ from PIL import Image
 
 import tool_add_control
 import tutorial_train
+from cldm.checkpoint import load_state_dict, save_checkpoint
 from cldm.data import write_webdataset
-from cldm.model import create_model, fill_zero_parameters, load_state_dict, make_random_checkpoint, save_checkpoint
+from cldm.model import create_model
 from ldm.modules.diffusionmodules.util import set_activation_checkpointing
 from tests.conftest import REPO, TINY_CONFIG, with_flags
 from tools.make_fill50k import make_fill50k
+from tools.make_random_checkpoint import fill_zero_parameters, make_random_checkpoint
 
 LOCKED_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 
@@ -126,6 +128,20 @@ def test_first_prediction_equals_the_base_unet(ini_ckpt: Path) -> None:
     controlled = model.apply_model(x, t, {"c_concat": [hint], "c_crossattn": [context]})
     base = model.model.diffusion_model(x=x, timesteps=t, context=context, control=None)
     assert torch.equal(controlled, base) and base.abs().max() > 0
+
+
+def test_add_control_names_a_tensor_of_the_wrong_shape() -> None:
+    scratch = {"control_model.input_blocks.0.0.weight": torch.zeros(2),
+               "control_model.zero_convs.0.0.bias": torch.ones(2)}  # fmt: skip
+    pretrained = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"^model\.diffusion_model\.input_blocks\.0\.0\.weight: shape \(3,\) in the SD "
+                                         r"checkpoint, \(2,\) expected for control_model\.input_blocks\.0\.0\.weight"):
+        tool_add_control.add_control(scratch, pretrained)
+    pretrained["model.diffusion_model.input_blocks.0.0.weight"] = torch.full((2,), 3, dtype=torch.float64)
+    target, new = tool_add_control.add_control(scratch, pretrained)
+    assert new == ["control_model.zero_convs.0.0.bias"] and torch.equal(target[new[0]], scratch[new[0]])
+    copied = target["control_model.input_blocks.0.0.weight"]
+    assert copied.dtype == torch.float32 and copied.tolist() == [3.0, 3.0]
 
 
 @pytest.mark.parametrize("problem", ["exists", "missing"])

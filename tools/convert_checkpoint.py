@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cldm.model import CheckpointError, cast_weights, load_state_dict, save_checkpoint
+from cldm.checkpoint import CheckpointError, cast_weights, load_state_dict, save_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -215,7 +215,8 @@ def train_base(model: Any, images: torch.Tensor, prompts: list[str], recipe: Rec
 
 def make_base(config: Path, work: Path, train: Path, recipe: Recipe, seed: int) -> Path:
     """Stages 2 and 3: the trained VAE and base model as an SD-layout checkpoint ``work/tiny_sd.ckpt``."""
-    from cldm.model import create_model, save_checkpoint
+    from cldm.checkpoint import save_checkpoint
+    from cldm.model import create_model
     from ldm.modules.diffusionmodules.util import set_activation_checkpointing
 
     out = work / "tiny_sd.ckpt"
@@ -268,7 +269,7 @@ def train_control(config: Path, work: Path, base: Path, train: Path, recipe: Rec
 def check_locked(init: Path, trained: Path) -> int:
     """Number of locked (non-ControlNet) tensors, all bit-identical between ``init`` and ``trained``;
     ``RuntimeError`` naming the first that changed."""
-    from cldm.model import load_state_dict
+    from cldm.checkpoint import load_state_dict
 
     before, after = load_state_dict(init), load_state_dict(trained)
     locked = [k for k in before if not k.startswith("control_model.")]

@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    from cldm.model import CheckpointError
+    from cldm.checkpoint import CheckpointError
 
     try:
         if args.n < 1 or args.ddim_steps < 1:
