@@ -126,11 +126,13 @@ def test_every_tool_module_shows_its_help(module: str) -> None:
 def test_installed_package_is_this_checkout_with_its_commands(tmp_path: Path) -> None:
     """Where the package is installed (.ci/run does ``pip install -e .``): it is this checkout, editable, with
     pyproject's commands, and a command runs outside the repo."""
-    try:
-        dist = metadata.distribution("controlnet-cpu")
-    except metadata.PackageNotFoundError:
+    # pip's record of the install (direct_url.json); a build's controlnet_cpu.egg-info in the repo root, which
+    # the repo root on sys.path also shows as a distribution, has none
+    installed = [d for d in metadata.distributions(name="controlnet-cpu") if d.read_text("direct_url.json")]
+    if not installed:
         pytest.skip("controlnet-cpu is not installed here (pip install -e .)")
-    origin = json.loads(dist.read_text("direct_url.json") or "{}")
+    dist = installed[0]
+    origin = json.loads(dist.read_text("direct_url.json"))
     if origin.get("url") != REPO.as_uri():
         pytest.skip(f"controlnet-cpu is installed from {origin.get('url')}, not from this checkout")
     assert origin["dir_info"].get("editable") is True
