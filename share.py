@@ -27,7 +27,7 @@ DEMO_COLORS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "bl
 DEMO_SCALE = 5.0
 DEMO_UNCOND_HINT = False
 DEMO_RECIPE = "python -m tools.make_tiny_demo"
-CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/blob/main/models/control_sd15_canny.pth"
+CKPT_URL = "https://huggingface.co/lllyasviel/ControlNet/resolve/main/models/control_sd15_canny.pth"
 
 
 def demo_params(**overrides: object) -> CannyParams:

@@ -33,8 +33,8 @@ class Control:
     - ``model``: the ControlNet (``cldm.cldm.ControlNet``: ``encode_hint`` and ``forward``).
     - ``hint``: [B, hint_channels, 8h, 8w] float in [0, 1] (B: the latent batch, or 1 to serve every row).
     - ``scales``: 13 per-block multipliers (:func:`control_scales_for`).
-    - ``uncond``: whether the unconditional pass of classifier-free guidance gets the control too (the reference:
-      yes, except in guess mode).
+    - ``uncond_hint``: whether the unconditional pass of classifier-free guidance gets the control too (the
+      reference: yes, except in guess mode).
     - ``start``/``end``: the step window as fractions of the run, with diffusers' semantics
       (``control_guidance_start/end``): step i of n runs the ControlNet when ``i / n >= start`` and
       ``(i + 1) / n <= end``; outside it the ControlNet is not run at all.
@@ -46,7 +46,7 @@ class Control:
     model: nn.Module
     hint: torch.Tensor
     scales: Sequence[float] = field(default_factory=lambda: [1.0] * NUM_CONTROLS)
-    uncond: bool = True
+    uncond_hint: bool = True
     start: float = 0.0
     end: float = 1.0
     cache: bool = True
@@ -57,19 +57,19 @@ class Control:
             raise ValueError(f"control hint must be [B, C, H, W], got shape {tuple(self.hint.shape)}")
         if len(self.scales) != NUM_CONTROLS:
             raise ValueError(f"control scales need {NUM_CONTROLS} values, got {len(self.scales)}")
-        if not 0.0 <= self.start <= 1.0 or not 0.0 <= self.end <= 1.0:
-            raise ValueError(f"control window must lie in [0, 1], got start={self.start}, end={self.end}")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"control window needs 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
         self.scales = [float(s) for s in self.scales]
 
     @classmethod
     def from_strength(
         cls, model: nn.Module, hint: torch.Tensor, strength: float = 1.0, guess_mode: bool = False,
-        uncond: bool = True, **window: float | bool,
+        uncond_hint: bool = True, **window: float | bool,
     ) -> Control:  # fmt: skip
         """The reference demo's control: scales from ``strength`` and ``guess_mode``; the unconditional pass gets it
-        when ``uncond`` and not in guess mode. ``window``: ``start``, ``end``, ``cache``."""
+        when ``uncond_hint`` and not in guess mode. ``window``: ``start``, ``end``, ``cache``."""
         scales = control_scales_for(strength, guess_mode)
-        return cls(model, hint, scales, uncond=uncond and not guess_mode, **window)  # type: ignore[arg-type]
+        return cls(model, hint, scales, uncond_hint=uncond_hint and not guess_mode, **window)  # type: ignore[arg-type]
 
     def active(self, step: int, steps: int) -> bool:
         """Whether step ``step`` (0-based) of ``steps`` lies in the window."""

@@ -20,7 +20,7 @@ class CFGDenoiser:
     - ``model``: a ``LatentDiffusion`` or ``ControlLDM`` (its ``apply_model(x, t, cond, controls=...)``).
     - ``cond``/``uncond``: text contexts [B, 77, D] (``uncond`` None: no guidance, one pass per step).
     - ``controls``: the controls of the conditional pass; ``uncond_controls`` those of the unconditional pass
-      (default: the controls whose ``uncond`` is set).
+      (default: the controls whose ``uncond_hint`` is set).
     - ``batch_cfg``: run both passes as one batch of 2B rows (unconditional rows first) when they use the same
       controls; otherwise, or when off (the reference's schedule), two passes.
     """
@@ -40,7 +40,9 @@ class CFGDenoiser:
         self.uncond = uncond
         self.scale = float(scale)
         self.controls = list(controls)
-        self.uncond_controls = [c for c in controls if c.uncond] if uncond_controls is None else list(uncond_controls)
+        if uncond_controls is None:
+            uncond_controls = [c for c in controls if c.uncond_hint]
+        self.uncond_controls = list(uncond_controls)
         self.batch_cfg = batch_cfg
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, controls: Sequence[Control]) -> torch.Tensor:

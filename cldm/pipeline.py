@@ -72,7 +72,7 @@ class CannyParams:
         for name, (lo, hi) in self.RANGES.items():
             value = getattr(self, name)
             if not lo <= value <= hi:
-                raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be between {lo} and {hi}, got {value}")
         if self.low_threshold > self.high_threshold:
             raise ValueError(
                 f"low_threshold ({self.low_threshold}) must not exceed high_threshold ({self.high_threshold})"
@@ -154,7 +154,7 @@ class Canny2Image:
         uncond = model.get_learned_conditioning([params.n_prompt] * n)
         self._done_with(model.cond_stage_model)
         control = Control.from_strength(model.control_model, hint, params.strength, params.guess_mode,
-                                        uncond=params.uncond_hint, cache=self.path.reuse_hint)  # fmt: skip
+                                        uncond_hint=params.uncond_hint, cache=self.path.reuse_hint)  # fmt: skip
         denoise = CFGDenoiser(model, cond, uncond, params.scale, [control], batch_cfg=self.path.batch_cfg)
         x_t = torch.randn((n, 4, height // 8, width // 8), device=self.device)
         samples = SAMPLERS["ddim"](denoise, x_t, model.alphas_cumprod, params.ddim_steps, eta=params.eta,

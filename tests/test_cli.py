@@ -60,8 +60,8 @@ def test_same_seed_same_pngs(capsys: pytest.CaptureFixture, tiny_ckpt: Path, tmp
     [
         (["--ckpt", "models/nope.pth"], "models/nope.pth: checkpoint file not found"),
         (["-i", "does/not/exist.png"], "does/not/exist.png: input image not found"),
-        (["--strength", "3"], "strength must be between 0.0 and 2.0, got 3.0"),
-        (["--num-samples", "0"], "num_samples must be between 1 and 12"),
+        (["--strength", "3"], "strength (--strength) must be between 0.0 and 2.0, got 3.0"),
+        (["--num-samples", "0"], "num_samples (--num-samples) must be between 1 and 12"),
         (["--low-threshold", "250", "--high-threshold", "100"], "low_threshold (250) must not exceed high_threshold"),
         (["--threads", "0"], "--threads must be at least 1"),
     ],

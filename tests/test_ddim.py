@@ -68,6 +68,27 @@ def test_unsupported_reference_parameters_are_named(tiny_model: torch.nn.Module)
         DDIMSampler(tiny_model).sample(2, 1, (4, 8, 8), cond, mask=torch.ones(1), x0=torch.ones(1), progress=False)
     with pytest.raises(ValueError, match="parameter 'schedule' = 'cosine'"):
         DDIMSampler(tiny_model, schedule="cosine")
+    with pytest.raises(TypeError, match="unexpected keyword arguments: unconditional_guidance_scal"):
+        DDIMSampler(tiny_model).sample(2, 1, (4, 8, 8), cond, unconditional_guidance_scal=9.0, progress=False)
+
+
+def test_sampler_follows_the_models_current_path(tiny_model: torch.nn.Module) -> None:
+    """``use_path`` after the sampler was made still decides hint reuse and batched guidance."""
+    from cldm.inference import use_path
+
+    hint = torch.rand(1, 3, 64, 64)
+    c = {"c_concat": [hint], "c_crossattn": [tiny_model.get_learned_conditioning(["a"])]}
+    uc = {"c_concat": [hint], "c_crossattn": [tiny_model.get_learned_conditioning([""])]}
+    sampler = DDIMSampler(tiny_model)
+    try:
+        use_path(tiny_model, "reference")
+        reference = sampler.denoiser(c, uc, 9.0)
+        assert not reference.batch_cfg and not reference.controls[0].cache
+    finally:
+        use_path(tiny_model, "fast")
+    fast = sampler.denoiser(c, uc, 9.0)
+    assert fast.batch_cfg and fast.controls[0].cache
+    assert not DDIMSampler(tiny_model, batch_cfg=False).denoiser(c, uc, 9.0).batch_cfg  # an explicit setting wins
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ def test_process_returns_edges_then_samples_and_reports_each_step(process) -> No
     "overrides,message",
     [
         ({"input_image": None}, "No input image"),
-        ({"image_resolution": 4096}, "image_resolution must be between 64 and 2048, got 4096"),
+        ({"image_resolution": 4096}, "image_resolution (--image-resolution) must be between 64 and 2048, got 4096"),
         ({"low_threshold": 250}, "low_threshold (250) must not exceed high_threshold (200)"),
     ],
 )

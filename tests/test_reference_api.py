@@ -34,7 +34,6 @@ def reference_example(ckpt: Path, scales: list[float]) -> torch.Tensor:
     return model.decode_first_stage(samples)
 
 
-@torch.no_grad()
 def test_reference_example_runs_on_the_fast_path(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = winograd.winograd_conv3x3
@@ -111,5 +110,7 @@ def test_step_window_skips_the_controlnet(tiny_model: torch.nn.Module) -> None:
     assert calls == []
     with pytest.raises(ValueError, match="window"):
         Control(tiny_model.control_model, torch.zeros(1, 3, 64, 64), end=1.5)
+    with pytest.raises(ValueError, match="start <= end"):
+        Control(tiny_model.control_model, torch.zeros(1, 3, 64, 64), start=0.6, end=0.4)
     with pytest.raises(ValueError, match="13 values"):
         Control(tiny_model.control_model, torch.zeros(1, 3, 64, 64), [1.0] * 12)

@@ -285,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO / "models" / "cldm_tiny.yaml"), help="ControlLDM config")
     p.add_argument("--work", default=str(REPO / "training" / "tiny_demo"), help="working folder (default: %(default)s)")
-    p.add_argument("--ship", default=str(REPO / "models" / "control_tiny_circles.ckpt"), help="demo checkpoint out")
-    p.add_argument("--plot", default=str(REPO / "docs" / "tiny_demo_iou.png"), help="IoU-vs-step plot out")
+    p.add_argument("--ship", default=None,
+                   help="demo checkpoint out (default: models/control_tiny_circles.ckpt; with --quick: in --work)")
+    p.add_argument("--plot", default=None,
+                   help="IoU-vs-step plot out (default: docs/tiny_demo_iou.png; with --quick: in --work)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (checks the plumbing, no quality)")
     p.add_argument("--hint-init", choices=HINT_INITS, default=Recipe.control_hint_init,
@@ -295,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe = replace(Recipe.quick() if args.quick else Recipe(), control_hint_init=args.hint_init)
     config, work = Path(args.config), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.quick:  # a plumbing check never replaces the shipped demo
+        ship, plot = work / "control_tiny_circles.ckpt", work / "tiny_demo_iou.png"
+    else:
+        ship, plot = REPO / "models" / "control_tiny_circles.ckpt", REPO / "docs" / "tiny_demo_iou.png"
+    ship, plot = Path(args.ship or ship), Path(args.plot or plot)
     start = time.time()
     log(f"data: {recipe.n_train} training and {recipe.n_heldout} held-out circles in {work}")
     train, heldout = make_data(work, recipe)
@@ -317,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError("the ControlNet at init does not reproduce the base model exactly")
     minutes = json.loads((work / "minutes.json").read_text(encoding="utf-8"))
     results["minutes"] = {**minutes, "total": round(sum(minutes.values()), 1)}
-    convert_checkpoint(trained, args.ship, torch.float16)  # schedule buffers stay float32
-    Path(args.ship).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    plot_curve([(e["step"], e["iou"]) for e in results["curve"]], args.plot, "tiny ControlNet: held-out IoU vs step")
+    convert_checkpoint(trained, ship, torch.float16)  # schedule buffers stay float32
+    ship.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot_curve([(e["step"], e["iou"]) for e in results["curve"]], plot, "tiny ControlNet: held-out IoU vs step")
     total = results["minutes"]["total"]
-    log(f"done in {(time.time() - start) / 60:.1f} min ({total} min over all runs in {work}): {args.ship}, {args.plot}")
+    log(f"done in {(time.time() - start) / 60:.1f} min ({total} min over all runs in {work}): {ship}, {plot}")
     return 0
 
 

@@ -141,7 +141,8 @@ def generate(
         controls = []
         if control:
             hint = torch.from_numpy(np.stack([c.hint for c in chunk])).permute(0, 3, 1, 2).contiguous()
-            controls = [Control(model.control_model, hint, control_scales_for(strength, False), uncond=uncond_hint)]
+            scales = control_scales_for(strength, False)
+            controls = [Control(model.control_model, hint, scales, uncond_hint=uncond_hint)]
         # Without the hint in the unconditional pass the two passes cannot share one batch; the base model then
         # runs them apart too, so the ControlNet at init (zero control) gives its images bit for bit.
         denoise = CFGDenoiser(model, c_txt, u_txt, scale, controls, batch_cfg=uncond_hint)

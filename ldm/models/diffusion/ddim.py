@@ -20,6 +20,9 @@ from ldm.models.diffusion.sampling import DDIMSchedule, ddim_schedule, sample_dd
 from ldm.util import check_supported
 
 Cond = Any  # a tensor, a list of tensors, or a dict of lists as in the reference
+# Parameters of the reference's DDIMSampler.sample (cldm/ddim_hacked.py) that this sampler does not implement.
+UNSUPPORTED_SAMPLE_PARAMETERS = ("normals_sequence", "quantize_x0", "mask", "x0", "score_corrector",
+                                 "corrector_kwargs", "dynamic_threshold", "ucg_schedule")  # fmt: skip
 
 
 def _context(c: Cond) -> torch.Tensor | None:
@@ -39,21 +42,26 @@ class DDIMSampler:
     """``DDIMSampler(model).sample(S, batch_size, shape, cond, ...)`` as in the reference.
 
     ``reuse_hint`` (encode the ControlNet hint once per run) and ``batch_cfg`` (one batched pass for the conditional
-    and unconditional predictions) default to the model's inference path (``model.inference_path``, the fast path
-    when unset); turning them off gives the reference's schedule of work. Other reference constructor arguments
-    (``schedule``) are accepted with their reference values only.
+    and unconditional predictions) follow the model's inference path at each ``sample`` call
+    (``model.inference_path``, the fast path when unset) unless given; turning them off gives the reference's
+    schedule of work. Other reference constructor arguments (``schedule``) are accepted with their reference
+    values only.
     """
 
     def __init__(self, model: Any, schedule: str = "linear", reuse_hint: bool | None = None,
                  batch_cfg: bool | None = None):  # fmt: skip
         check_supported("DDIMSampler", "schedule", schedule, "linear")
-        path = getattr(model, "inference_path", None)
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
-        self.reuse_hint = reuse_hint if reuse_hint is not None else getattr(path, "reuse_hint", True)
-        self.batch_cfg = batch_cfg if batch_cfg is not None else getattr(path, "batch_cfg", True)
+        self.reuse_hint = reuse_hint
+        self.batch_cfg = batch_cfg
         self.ddim: DDIMSchedule | None = None
+
+    def _follows_path(self, name: str) -> bool:
+        """The sampler's own setting ``name`` if given, else the model's current inference path's (fast: True)."""
+        own = getattr(self, name)
+        return own if own is not None else getattr(getattr(self.model, "inference_path", None), name, True)
 
     @property
     def device(self) -> torch.device:
@@ -79,7 +87,7 @@ class DDIMSampler:
             if hints is None:
                 return []
             return [Control(self.model.control_model, torch.cat(hints, 1), self.model.control_scales,
-                            cache=self.reuse_hint)]  # fmt: skip
+                            cache=self._follows_path("reuse_hint"))]  # fmt: skip
 
         hint, uc_hint = _hint(conditioning), _hint(unconditional_conditioning)
         controls = control(hint)
@@ -88,7 +96,7 @@ class DDIMSampler:
         )
         uncond_controls = controls if same else control(uc_hint)
         return CFGDenoiser(self.model, _context(conditioning), _context(unconditional_conditioning), scale, controls,
-                           uncond_controls, batch_cfg=self.batch_cfg)  # fmt: skip
+                           uncond_controls, batch_cfg=self._follows_path("batch_cfg"))  # fmt: skip
 
     @torch.no_grad()
     def sample(
@@ -114,9 +122,13 @@ class DDIMSampler:
 
         Returns ``(samples, {"x_inter": [...], "pred_x0": [...]})`` like the reference. ``progress`` shows a tqdm
         bar over the steps; ``callback(i)`` runs after each step. A reference parameter this sampler does not
-        implement (``mask``, ``x0``, ``quantize_x0``, ``corrector``, ``score_corrector``, ...) raises
-        ``ValueError`` naming it when given a value other than None or False (:func:`ldm.util.check_supported`).
+        implement (:data:`UNSUPPORTED_SAMPLE_PARAMETERS`: ``mask``, ``x0``, ...) raises ``ValueError`` naming it when
+        given a value other than None or False (:func:`ldm.util.check_supported`); any other unknown keyword raises
+        ``TypeError``, as a misspelt argument does.
         """
+        unknown = sorted(set(unsupported) - set(UNSUPPORTED_SAMPLE_PARAMETERS))
+        if unknown:
+            raise TypeError(f"DDIMSampler.sample() got unexpected keyword arguments: {', '.join(unknown)}")
         for name in sorted(unsupported):
             check_supported("DDIMSampler.sample", name, unsupported[name], None, False)
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)

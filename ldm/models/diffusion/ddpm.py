@@ -299,6 +299,7 @@ class LatentDiffusion(DDPM):
         """Prompts -> text embeddings [B, 77, context_dim]."""
         return self.cond_stage_model.encode(c)
 
+    @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return self.first_stage_model.encode(x)
 
@@ -310,6 +311,7 @@ class LatentDiffusion(DDPM):
             z = encoder_posterior
         return self.scale_factor * z
 
+    @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Latent [B, 4, h, w] -> image [B, 3, 8h, 8w], roughly in [-1, 1]."""
         z = z / self.scale_factor
