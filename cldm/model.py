@@ -80,7 +80,6 @@ def load_model(
     config_path: str | os.PathLike,
     ckpt_path: str | os.PathLike,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
     low_memory: bool = False,
     base: bool = False,
 ) -> nn.Module:
@@ -88,7 +87,7 @@ def load_model(
     into it without a second copy of the weights.
 
     The model is created on the meta device, the checkpoint is memory-mapped and its tensors become
-    the parameters (cast only where their dtype differs from ``dtype``). With ``low_memory`` the
+    the parameters (cast to float32 where the file holds another precision). With ``low_memory`` the
     parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
     layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model
     in eval mode on ``device``. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint
@@ -106,7 +105,7 @@ def load_model(
             state_dict[name] = own[name]
 
     def target(name: str) -> torch.dtype:
-        return LOW_MEMORY_DTYPE if low_memory and name in params else dtype
+        return LOW_MEMORY_DTYPE if low_memory and name in params else torch.float32
 
     state_dict = {
         k: v.to(target(k)) if v.is_floating_point() and v.dtype != target(k) else v for k, v in state_dict.items()
