@@ -59,7 +59,7 @@ def describe_demo() -> str:
         f"The tiny demo ({repo_relative(DEMO_CKPT)}) is a 64 px model trained on this CPU from scratch "
         f"({DEMO_RECIPE}): it draws a circle in the colors the prompt names "
         f'("COLOR circle with COLOR background", colors: {", ".join(DEMO_COLORS)}) where the input\'s '
-        "circle outline is (how closely: see the README)."
+        "circle outline is (how closely: docs/tiny-demo.md)."
     )
 
 

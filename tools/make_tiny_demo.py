@@ -1,7 +1,7 @@
 """Train the built-in demo from scratch on the CPU: a tiny Stable-Diffusion-style model that draws colored
 circles, then a ControlNet on it that makes the circle follow an outline.
 
-    python -m tools.make_tiny_demo            # the shipped recipe (seeded; see README for its time)
+    python -m tools.make_tiny_demo            # the shipped recipe (seeded; docs/tiny-demo.md gives its time)
     python -m tools.make_tiny_demo --quick    # a few steps of every stage, to check the plumbing
 
 Stages, each writing into ``--work`` (default ``training/tiny_demo``):
