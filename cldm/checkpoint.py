@@ -13,7 +13,9 @@ rename keys only: the tensors are the same objects (no copy, no dtype change).
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,117 @@ class CheckpointError(ValueError):
 
 # --- files ---------------------------------------------------------------------------------------------------
 
+# Distinct unknown classes one file may name before it is refused (each costs one more read of its pickle).
+MAX_STAND_INS = 32
+# Standard-library modules whose classes are plain data; any other standard-library global is taken as code.
+DATA_STDLIB_MODULES = ("argparse", "collections", "datetime", "decimal", "enum", "fractions", "pathlib", "uuid")
+# Builtins that only build values; the file gets the real type (calling it runs no user code).
+DATA_BUILTINS = {"builtins.frozenset": frozenset, "builtins.slice": slice, "builtins.range": range}
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_UNKNOWN_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module (\S+) is blocked)")
+
+
+class StandIn:
+    """What a checkpoint gets in place of a class this project does not know (e.g. Lightning's
+    ``ModelCheckpoint`` callback): an inert record. Creating or filling one never runs code from the file
+    and never imports the named module; ``args`` and ``state`` keep what the pickle passed."""
+
+    stands_for = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> StandIn:
+        inst = object.__new__(cls)
+        inst.args = args
+        inst.state = None
+        return inst
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self.stands_for}>"
+
+
+def _stand_in(full_name: str) -> tuple[type, str]:
+    """A fresh :class:`StandIn` subclass registered under ``full_name`` for torch's safe-globals list."""
+    return type("StandIn", (StandIn,), {"stands_for": full_name}), full_name
+
+
+def _numpy_globals() -> list[Any]:
+    """numpy's scalar constructor (under its numpy 1 and 2 paths), ``numpy.dtype`` and its classes: what a
+    pickled numpy scalar such as a Lightning ``global_step`` needs. Empty without numpy."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtypes = [getattr(np.dtypes, name) for name in np.dtypes.__all__]
+    names = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+    return [np.dtype, *dtypes, *((scalar, name) for name in names)]
+
+
+def _wants_code(full_name: str) -> bool:
+    """Whether a global the file names is something other than data: any name in a standard-library module
+    outside :data:`DATA_STDLIB_MODULES` (``os.system``, ``builtins.exec``, ``subprocess.Popen``, ...)."""
+    top = full_name.split(".", 1)[0]
+    return top in sys.stdlib_module_names and top not in DATA_STDLIB_MODULES
+
+
+def _message(err: BaseException) -> str:
+    """The informative line of an exception's text, terminal escape codes removed (torch's weights-only error
+    wraps its reason in advice to load the file unsafely; that advice is dropped)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
+    useful = [
+        line for line in lines
+        if not line.startswith(("Weights only load failed", "(1)", "(2)", "Check the documentation"))
+    ]  # fmt: skip
+    reason = (useful or lines or [type(err).__name__])[0]
+    return reason.removeprefix("WeightsUnpickler error: ")
+
+
+def _torch_load(path: Path, location: str) -> Any:
+    try:
+        return torch.load(path, map_location=location, weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        # legacy (pre-zip) serialization cannot be memory-mapped
+        return torch.load(path, map_location=location, weights_only=True)
+
+
+def _read_pickled(path: Path, location: str) -> Any:
+    """torch's weights-only unpickler with numpy scalars allowed and a :class:`StandIn` for each unknown class
+    it reports (one more read per class). Raises :class:`CheckpointError` for a file that names code (the
+    callable in the message) or too many unknown classes; other errors as torch raises them."""
+    allowed = [*_numpy_globals(), *((obj, name) for name, obj in DATA_BUILTINS.items())]
+    for _ in range(MAX_STAND_INS + 1):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return _torch_load(path, location)
+        except pickle.UnpicklingError as err:
+            found = _UNKNOWN_GLOBAL.search(_ANSI.sub("", str(err)))
+            if not found:
+                raise
+            name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"
+            module, _, attr = name.rpartition(".")
+            shown = f"os.{attr}" if module in ("posix", "nt") else name
+            if found.group(2) or _wants_code(name):
+                raise CheckpointError(
+                    f"{path}: refused: the file wants to run code ({shown}) when it is loaded; it was not loaded"
+                ) from None
+            allowed.append(_stand_in(name))
+    raise CheckpointError(f"{path}: names more than {MAX_STAND_INS} unknown classes; not loaded")
+
+
+def _read_checkpoint(path: Path, location: str) -> Mapping[str, Any]:
+    if path.suffix.lower() == ".safetensors":
+        import safetensors.torch
+
+        return safetensors.torch.load_file(str(path), device=location)
+    return _read_pickled(path, location)
+
 
 def _shorten(keys: list[str], n: int = 3) -> str:
     shown = ", ".join(keys[:n])
@@ -53,20 +166,6 @@ def _shorten(keys: list[str], n: int = 3) -> str:
 def get_state_dict(d: Mapping[str, Any]) -> Mapping[str, Any]:
     """Unwrap a Lightning-style ``{"state_dict": ...}`` checkpoint (anything else is returned as is)."""
     return d.get("state_dict", d)
-
-
-def _read_checkpoint(path: Path, location: str) -> Mapping[str, Any]:
-    if path.suffix.lower() == ".safetensors":
-        import safetensors.torch
-
-        return safetensors.torch.load_file(str(path), device=location)
-    try:
-        return torch.load(path, map_location=location, weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        # legacy (pre-zip) serialization cannot be memory-mapped
-        return torch.load(path, map_location=location, weights_only=True)
 
 
 def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -97,9 +196,10 @@ def load_state_dict(ckpt_path: str | os.PathLike, location: str = "cpu") -> Stat
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         data = _read_checkpoint(path, location)
+    except CheckpointError:
+        raise
     except Exception as err:  # torch, zipfile, pickle and safetensors errors all mean "unreadable"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from err
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_message(err)}") from err
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
     state_dict = get_state_dict(data)
