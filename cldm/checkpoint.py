@@ -12,6 +12,7 @@ rename keys only: the tensors are the same objects (no copy, no dtype change).
 
 from __future__ import annotations
 
+import _compat_pickle
 import os
 import pickle
 import re
@@ -97,9 +98,20 @@ def _numpy_globals() -> list[Any]:
     return [np.dtype, *dtypes, *((scalar, name) for name in names)]
 
 
+def _python3_name(full_name: str) -> str:
+    """The Python 3 spelling of a global a pickle names: Python 2 module names (``commands``, ``__builtin__``,
+    ...) as pickle maps them, and ``posix``/``nt`` (where ``os`` functions live) as ``os``."""
+    module, _, attr = full_name.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        module, attr = _compat_pickle.NAME_MAPPING[module, attr]
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{'os' if module in ('posix', 'nt') else module}.{attr}"
+
+
 def _wants_code(full_name: str) -> bool:
-    """Whether a global the file names is something other than data: any name in a standard-library module
-    outside :data:`DATA_STDLIB_MODULES` (``os.system``, ``builtins.exec``, ``subprocess.Popen``, ...)."""
+    """Whether a global the file names (Python 3 spelling) is something other than data: any name in a
+    standard-library module outside :data:`DATA_STDLIB_MODULES` (``os.system``, ``builtins.exec``,
+    ``subprocess.Popen``, ...)."""
     top = full_name.split(".", 1)[0]
     return top in sys.stdlib_module_names and top not in DATA_STDLIB_MODULES
 
@@ -110,7 +122,7 @@ def _message(err: BaseException) -> str:
     lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
     useful = [
         line for line in lines
-        if not line.startswith(("Weights only load failed", "(1)", "(2)", "Check the documentation"))
+        if "weights_only" not in line and not line.startswith(("Weights only load failed", "Check the documentation"))
     ]  # fmt: skip
     reason = (useful or lines or [type(err).__name__])[0]
     return reason.removeprefix("WeightsUnpickler error: ")
@@ -139,10 +151,10 @@ def _read_pickled(path: Path, location: str) -> Any:
             found = _UNKNOWN_GLOBAL.search(_ANSI.sub("", str(err)))
             if not found:
                 raise
+            # torch reports builtins without their module
             name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"
-            module, _, attr = name.rpartition(".")
-            shown = f"os.{attr}" if module in ("posix", "nt") else name
-            if found.group(2) or _wants_code(name):
+            shown = _python3_name(name)
+            if found.group(2) or _wants_code(shown):
                 raise CheckpointError(
                     f"{path}: refused: the file wants to run code ({shown}) when it is loaded; it was not loaded"
                 ) from None
