@@ -1,8 +1,10 @@
 """Checkpoint files and their key layouts: the one place that reads, writes and renames checkpoints.
 
 Files: ``.ckpt``/``.pth``/``.pt``/``.bin`` (torch, read memory-mapped with ``weights_only``) and
-``.safetensors``; a Lightning-style ``{"state_dict": ...}`` nesting is unwrapped. Every problem is a
-:class:`CheckpointError` with a one-line message naming the file.
+``.safetensors``; a Lightning-style ``{"state_dict": ...}`` nesting is unwrapped. Pickles may hold numpy
+scalars and classes this project does not have (Lightning callbacks): the latter become inert
+:class:`StandIn` records; a pickle naming code (``os.system``, ``builtins.exec``, ...) is refused unloaded.
+Every problem is a :class:`CheckpointError` with a one-line message naming the file, without escape codes.
 
 Layouts: :data:`LAYOUTS` is the one table of the key spellings this project converts between. Each row
 converts a state dict into the reference's keys (``"ldm"``, what the model's ``state_dict()`` has) and,
@@ -200,8 +202,10 @@ def load_state_dict(ckpt_path: str | os.PathLike, location: str = "cpu") -> Stat
     """Read a ``.ckpt``/``.pth`` (memory-mapped, weights only) or ``.safetensors`` checkpoint.
 
     Returns the flat state dict (tensors in the file's dtypes, on ``location``) with keys normalised by
-    :func:`normalize_keys`; non-tensor entries are dropped. Raises :class:`CheckpointError` with a one-line
-    message for a missing, truncated or corrupt file, or one holding no tensors.
+    :func:`normalize_keys`; non-tensor entries (numpy counters, Lightning callback state) are dropped. Raises
+    :class:`CheckpointError` with a one-line message for a missing, truncated or corrupt file, one holding no
+    tensors, or a pickle that names code or more than :data:`MAX_STAND_INS` unknown classes (nothing from such
+    a file is run or returned).
     """
     path = Path(ckpt_path)
     if not path.is_file():

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+import cpu_canny2image
 from cldm.checkpoint import MAX_STAND_INS, CheckpointError, StandIn, _read_checkpoint, load_state_dict
+from cldm.model import load_model
+from tests.conftest import TINY_CONFIG
 
 LIGHTNING_MODULE = "pytorch_lightning.callbacks.model_checkpoint"
 FORMATS = {"zip": True, "legacy": False}  # torch.save's _use_new_zipfile_serialization
@@ -176,3 +179,25 @@ def test_truncated_file_is_one_line_without_escape_codes(tmp_path: Path, fmt: st
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert "truncated or corrupt" in refusal_line(cut)
+
+
+def test_sd_era_file_loads_into_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_ckpt: Path) -> None:
+    """The whole route: a Lightning-era file of the tiny model loads through the scripts' loader."""
+    expected = load_state_dict(tiny_ckpt)
+    with monkeypatch.context() as m:
+        path = save(lightning_checkpoint(m, expected), tmp_path / "lightning.ckpt", "zip")
+    model = load_model(TINY_CONFIG, path)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in expected.items())
+
+
+def test_malicious_checkpoint_from_the_command_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    ckpt = save({"state_dict": weights(), "x": payloads(target)["os.system"]}, tmp_path / "evil.ckpt", "zip")
+    out_dir = tmp_path / "out"
+    code = cpu_canny2image.main(["--ckpt", str(ckpt), "--config", str(TINY_CONFIG), "-o", str(out_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and not target.exists()
+    assert err.splitlines() == [err] and "\x1b" not in err
+    assert err.startswith(f"error: {ckpt}: refused: the file wants to run code (os.system)")
+    assert not any(out_dir.glob("*"))
