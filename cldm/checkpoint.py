@@ -95,7 +95,7 @@ def _numpy_globals() -> list[Any]:
     except ImportError:
         return []
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-    dtypes = [getattr(np.dtypes, name) for name in np.dtypes.__all__]
+    dtypes = [getattr(np.dtypes, name) for name in np.dtypes.__all__] if hasattr(np, "dtypes") else []  # numpy<1.25
     names = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
     return [np.dtype, *dtypes, *((scalar, name) for name in names)]
 
