@@ -184,3 +184,45 @@ def test_decompression_bomb_is_one_line(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "bomb.png" in lines[0] and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+# Ctrl-C in cpu_canny2image.py: one line, exit 130, no image files (issue 20, item 8)
+
+
+def interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_sampling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import cldm.pipeline
+    import cpu_canny2image
+
+    monkeypatch.setitem(cldm.pipeline.SAMPLERS, "ddim", interrupt)
+    out_dir = tmp_path / "out"
+    code = cpu_canny2image.main(["--demo", "-o", str(out_dir), "--ddim-steps", "2"])
+    out, err = capsys.readouterr()
+    assert code == 130 and out == ""
+    assert err.splitlines()[-1] == "interrupted: no images written" and "Traceback" not in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_ctrl_c_while_writing_leaves_no_partial_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import cpu_canny2image
+
+    real_save = cpu_canny2image.save_png
+    calls: list[Path] = []
+
+    def save_then_interrupt(array: np.ndarray, path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            interrupt()
+        real_save(array, path)
+
+    monkeypatch.setattr(cpu_canny2image, "save_png", save_then_interrupt)
+    out_dir = tmp_path / "out"
+    code = cpu_canny2image.main(["--demo", "-o", str(out_dir), "--ddim-steps", "2", "-n", "2"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert len(calls) == 3  # the edge map and the first sample were written, then removed
+    assert list(out_dir.iterdir()) == []
