@@ -136,8 +136,9 @@ def read_image(path: str | Path, notify: Callable[[str], None] | None = None) ->
     Decoding is Pillow's. Every mode maps to 8 bits by scaling (16-bit: ``round(v / 257)``; ``I`` and ``F``: see
     :func:`to_uint8`); palette transparency and LA become RGBA; CMYK, YCbCr, HSV and LAB (as colour, through
     ``ImageCms``) become RGB. The EXIF orientation is applied. Of an animated or multi-page file the first frame
-    is used, and ``notify`` (default: a line on stderr) is told so once. Raises ``ValueError`` naming the file if it is missing, unreadable, of an
-    unsupported mode, or over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, its warning included).
+    is used, and ``notify`` (default: a line on stderr) is told so once. Raises ``ValueError`` naming the file
+    if it is missing, unreadable, of an unsupported mode, or over Pillow's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, its warning included).
     """
     path = Path(path)
     if not path.is_file():
