@@ -74,6 +74,20 @@ def save_png(array: np.ndarray, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_all(arrays: list[np.ndarray], paths: list[Path]) -> None:
+    """Write each array to its path with :func:`save_png`; if any write fails or is interrupted (Ctrl-C),
+    the ones already written are removed and the error is raised again: the set is whole or absent."""
+    written: list[Path] = []
+    try:
+        for array, path in zip(arrays, paths, strict=True):
+            save_png(array, path)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
 def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
     """``(CannyParams, input image path)``: the flags given, the rest from the model's defaults
     (the reference demo's for SD1.5, :func:`share.demo_params` for the tiny demo)."""
@@ -126,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
     results, seed = pipe(image, params)
     stem = input_path.stem
     paths = [out_dir / f"{stem}_edges.png"] + [out_dir / f"{stem}_{seed}_{i}.png" for i in range(len(results) - 1)]
-    for array, path in zip(results, paths):
-        save_png(array, path)
+    save_all(results, paths)
     h, w = results[0].shape[:2]
     took = time.perf_counter() - start
     print(f"seed {seed}: {len(results) - 1} sample(s) at {w}x{h} in {took:.1f} s", file=sys.stderr)
@@ -138,7 +151,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted: no images written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

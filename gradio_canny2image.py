@@ -69,7 +69,7 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
         )  # fmt: skip
         try:
             params.validate()
-            image = read_image(input_image)
+            image = read_image(input_image, notify=gr.Info)  # an animation: the page says the first frame is used
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
         steps = pipe.sampling_steps(params.ddim_steps)

@@ -7,13 +7,16 @@ CLIP text encoding, DDIM with classifier-free guidance over UNet + ControlNet, V
 from __future__ import annotations
 
 import random
+import struct
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image
@@ -82,18 +85,86 @@ class CannyParams:
         return asdict(self)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """HWC uint8 array (L, RGB or RGBA) of the image at ``path``; ``ValueError`` naming it if unreadable."""
+# Value ranges a high-bit-depth image's data may imply, smallest first (see :func:`to_uint8`).
+_FLOAT_RANGES = (1.0, 255.0, 65535.0)
+_INT_RANGES = (255.0, 65535.0)
+
+
+def to_uint8(values: np.ndarray, ranges: tuple[float, ...]) -> np.ndarray:
+    """Scale one-channel numeric data to uint8, by the value range it implies.
+
+    The range is the smallest of ``ranges`` holding the data when no value is negative (``1.0``: floats
+    in [0, 1]; ``255``: 8-bit data stored wide; ``65535``: 16-bit data, e.g. a 16-bit PNG read as ``I``);
+    anything else (negative values, or beyond the largest range) is stretched from its minimum to its maximum.
+    Non-finite values count as 0. The result is ``round(value * 255 / range)``, never clipped data.
+    """
+    x = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    top = next((r for r in ranges if low >= 0.0 and high <= r), None)
+    if top is None:
+        x, top = x - low, max(high - low, 1e-12)
+    return np.rint(x * (255.0 / top)).clip(0, 255).astype(np.uint8)
+
+
+def image_array(img: Image.Image) -> np.ndarray:
+    """One frame's pixels as :func:`read_image` returns them; ``ValueError`` for a mode Pillow cannot convert."""
+    mode = img.mode
+    if mode in ("L", "RGB", "RGBA"):
+        return np.array(img)
+    if mode.startswith("I;16"):  # I;16, I;16L, I;16B, I;16N: 16-bit, 0..65535
+        return to_uint8(np.array(img), (65535.0,))
+    if mode == "I":
+        return to_uint8(np.array(img), _INT_RANGES)
+    if mode == "F":
+        return to_uint8(np.array(img), _FLOAT_RANGES)
+    if mode == "1":
+        return np.array(img.convert("L"))
+    if mode == "LAB":  # Pillow's plain convert copies the channels; this is the colour conversion (D50 -> sRGB)
+        to_srgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        return np.array(ImageCms.applyTransform(img, to_srgb))
+    has_alpha = "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info
+    try:
+        return np.array(img.convert("RGBA" if has_alpha else "RGB"))
+    except ValueError as err:  # e.g. La: Pillow has no conversion
+        raise ValueError(f"image mode {mode} is not supported") from err
+
+
+def read_image(path: str | Path, notify: Callable[[str], None] | None = None) -> np.ndarray:
+    """The image at ``path`` as the uint8 array ``HWC3`` expects: ``H x W`` (gray), ``H x W x 3`` (RGB) or
+    ``H x W x 4`` (RGBA, composited on white by ``HWC3``).
+
+    Decoding is Pillow's. Every mode maps to 8 bits by scaling (16-bit: ``round(v / 257)``; ``I`` and ``F``: see
+    :func:`to_uint8`); palette transparency and LA become RGBA; CMYK, YCbCr, HSV and LAB (as colour, through
+    ``ImageCms``) become RGB. The EXIF orientation is applied. Of an animated or multi-page file the first frame
+    is used, and ``notify`` (default: a line on stderr) is told so once. Raises ``ValueError`` naming the file
+    if it is missing, unreadable, of an unsupported mode, or over Pillow's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, its warning included).
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: input image not found")
     try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "RGB", "RGBA"):
-                img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-            return np.array(img)
-    except (UnidentifiedImageError, OSError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                frames = getattr(img, "n_frames", 1)
+                img.seek(0)
+                upright = ImageOps.exif_transpose(img)
+                pixels = image_array(upright)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{path}: image too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels, "
+                         "Pillow's decompression-bomb limit)") from err  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, struct.error) as err:
         raise ValueError(f"{path}: cannot read image ({err.__class__.__name__})") from err
+    if frames > 1:
+        (notify or _to_stderr)(f"{path}: {frames} frames, using the first")
+    return pixels
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 class Canny2Image:
