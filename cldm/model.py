@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from cldm.checkpoint import CheckpointError, check_state_dict
 from cldm.checkpoint import load_state_dict as load_state_dict  # the reference API: from cldm.model import ...
 from ldm.memory import LOW_MEMORY_DTYPE, compute_in_float32
-from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
 
 
@@ -90,8 +89,8 @@ def load_model(
     the parameters (cast to float32 where the file holds another precision). With ``low_memory`` the
     parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
     layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model
-    in eval mode on ``device``. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint
-    problem.
+    in eval mode on ``device``. The noise schedule is always the config's (float64 -> float32), whatever the
+    file holds. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint problem.
     """
     config = model_config(config_path, base)
     state_dict = load_state_dict(ckpt_path)
@@ -99,10 +98,6 @@ def load_model(
         model = instantiate_from_config(config)
     check_state_dict(model, state_dict, str(ckpt_path))
     params = {name for name, _ in model.named_parameters()}
-    own = dict(model.named_buffers())
-    for name in SCHEDULE_BUFFERS:  # a half-precision schedule in a file: the model's own float32 values
-        if name in state_dict and state_dict[name].dtype != torch.float32 and not own[name].is_meta:
-            state_dict[name] = own[name]
 
     def target(name: str) -> torch.dtype:
         return LOW_MEMORY_DTYPE if low_memory and name in params else torch.float32
@@ -110,7 +105,7 @@ def load_model(
     state_dict = {
         k: v.to(target(k)) if v.is_floating_point() and v.dtype != target(k) else v for k, v in state_dict.items()
     }
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)  # keeps the config's schedule, not the file's
     _materialize_nonpersistent(model)
     if low_memory:
         compute_in_float32(model)
