@@ -8,6 +8,7 @@ Checkpoint files and key layouts live in :mod:`cldm.checkpoint`, memory measures
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from cldm.checkpoint import CheckpointError, check_state_dict
 from cldm.checkpoint import load_state_dict as load_state_dict  # the reference API: from cldm.model import ...
 from ldm.memory import LOW_MEMORY_DTYPE, compute_in_float32
+from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
 
 
@@ -75,6 +77,15 @@ def _materialize_nonpersistent(model: nn.Module) -> None:
         raise RuntimeError(f"buffers left uninitialised after loading: {leftover[:3]}")
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint") -> None:
+    """Raise :class:`~cldm.checkpoint.CheckpointError` naming ``name`` (the file) and the first key whose floating
+    tensor holds a NaN or an infinity. The schedule buffers are skipped (the model never loads them). One pass
+    that reads every floating tensor once: on a memory-mapped checkpoint that reads the whole file from disk."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and key not in SCHEDULE_BUFFERS and not torch.isfinite(value).all():
+            raise CheckpointError(f"{name}: non-finite weights (NaN or inf) in {key}; the file is damaged")
+
+
 def load_model(
     config_path: str | os.PathLike,
     ckpt_path: str | os.PathLike,
@@ -90,13 +101,15 @@ def load_model(
     parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
     layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model
     in eval mode on ``device``. The noise schedule is always the config's (float64 -> float32), whatever the
-    file holds. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint problem.
+    file holds. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint problem, including
+    a NaN or infinite weight (:func:`check_finite`, which reads the whole file once).
     """
     config = model_config(config_path, base)
     state_dict = load_state_dict(ckpt_path)
     with torch.device("meta"):
         model = instantiate_from_config(config)
     check_state_dict(model, state_dict, str(ckpt_path))
+    check_finite(state_dict, str(ckpt_path))
     params = {name for name, _ in model.named_parameters()}
 
     def target(name: str) -> torch.dtype:
