@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from cldm.pipeline import Canny2Image, read_image
     from ldm.device import resolve_device, set_threads
     from ldm.memory import tune_allocator
+    from ldm.models.diffusion.sampling import NonFiniteError
     from share import choose_model
 
     try:
@@ -137,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     start = time.perf_counter()
-    results, seed = pipe(image, params)
+    try:
+        results, seed = pipe(image, params)
+    except NonFiniteError as err:  # never write a black image
+        print(f"error: {ckpt}: {err}", file=sys.stderr)
+        return 1
     stem = input_path.stem
     paths = [out_dir / f"{stem}_edges.png"] + [out_dir / f"{stem}_{seed}_{i}.png" for i in range(len(results) - 1)]
     save_all(results, paths)

@@ -50,6 +50,7 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
     import gradio as gr
 
     from cldm.pipeline import CannyParams, read_image
+    from ldm.models.diffusion.sampling import NonFiniteError
 
     def process(
         input_image: str | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
@@ -78,7 +79,10 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
         def on_step(i: int) -> None:
             progress((i + 1, steps), desc="DDIM sampling", unit="steps")
 
-        results, _ = pipe(image, params, callback=on_step)
+        try:
+            results, _ = pipe(image, params, callback=on_step)
+        except NonFiniteError as err:
+            raise gr.Error(str(err), print_exception=False) from None
         return results
 
     return process

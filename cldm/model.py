@@ -8,6 +8,7 @@ Checkpoint files and key layouts live in :mod:`cldm.checkpoint`, memory measures
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,18 @@ def _materialize_nonpersistent(model: nn.Module) -> None:
         raise RuntimeError(f"buffers left uninitialised after loading: {leftover[:3]}")
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint") -> None:
+    """Raise :class:`~cldm.checkpoint.CheckpointError` naming ``name`` (the file) and the first key whose floating
+    tensor holds a NaN or an infinity. The schedule buffers are skipped (the model never loads them). One pass
+    that reads every floating tensor once (a min/max reduction, no temporary the size of the tensor): on a
+    memory-mapped checkpoint that reads the whole file from disk."""
+    for key, value in state_dict.items():
+        if not value.is_floating_point() or key in SCHEDULE_BUFFERS or value.numel() == 0:
+            continue
+        if not torch.isfinite(torch.stack(torch.aminmax(value))).all():  # NaN or inf reaches min or max
+            raise CheckpointError(f"{name}: non-finite weights (NaN or inf) in {key}; the file is damaged")
+
+
 def load_model(
     config_path: str | os.PathLike,
     ckpt_path: str | os.PathLike,
@@ -90,19 +103,17 @@ def load_model(
     the parameters (cast to float32 where the file holds another precision). With ``low_memory`` the
     parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
     layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model
-    in eval mode on ``device``. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint
-    problem.
+    in eval mode on ``device``. The noise schedule is always the config's (float64 -> float32), whatever the
+    file holds. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint problem, including
+    a NaN or infinite weight (:func:`check_finite`, which reads the whole file once).
     """
     config = model_config(config_path, base)
     state_dict = load_state_dict(ckpt_path)
     with torch.device("meta"):
         model = instantiate_from_config(config)
     check_state_dict(model, state_dict, str(ckpt_path))
+    check_finite(state_dict, str(ckpt_path))
     params = {name for name, _ in model.named_parameters()}
-    own = dict(model.named_buffers())
-    for name in SCHEDULE_BUFFERS:  # a half-precision schedule in a file: the model's own float32 values
-        if name in state_dict and state_dict[name].dtype != torch.float32 and not own[name].is_meta:
-            state_dict[name] = own[name]
 
     def target(name: str) -> torch.dtype:
         return LOW_MEMORY_DTYPE if low_memory and name in params else torch.float32
@@ -110,7 +121,7 @@ def load_model(
     state_dict = {
         k: v.to(target(k)) if v.is_floating_point() and v.dtype != target(k) else v for k, v in state_dict.items()
     }
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)  # keeps the config's schedule, not the file's
     _materialize_nonpersistent(model)
     if low_memory:
         compute_in_float32(model)

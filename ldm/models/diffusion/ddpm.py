@@ -163,10 +163,12 @@ class DDPM(pl.LightningModule):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device="cpu"))
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """As ``nn.Module``'s, but a checkpoint without the ``logvar`` buffer keeps the model's own."""
-        if "logvar" not in state_dict:
-            state_dict = {**state_dict, "logvar": self.logvar}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """As ``nn.Module``'s, but the schedule buffers (:data:`SCHEDULE_BUFFERS`) always keep the model's own
+        values, computed from the config in float64 and stored in float32: a file's copies are ignored (they may
+        be absent, or rounded to half precision, where bfloat16 turns ``alphas_cumprod`` into 1.0 and the last
+        DDIM step into NaN). The config is the truth, so nothing is said when a file's values differ."""
+        own = {name: getattr(self, name) for name in SCHEDULE_BUFFERS}
+        return super().load_state_dict({**state_dict, **own}, strict=strict, assign=assign)
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Diffuse x_0 to x_t: sqrt(a_t) x_0 + sqrt(1 - a_t) noise."""

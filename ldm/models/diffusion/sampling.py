@@ -3,7 +3,8 @@
 A sampler is ``sample_NAME(denoise, x, alphas_cumprod, steps, *, callback=None, progress=True, **options)``:
 ``denoise(x, t, step, steps) -> eps`` is the guided noise prediction (``cldm.guidance.CFGDenoiser``), ``x`` the
 start latents [B, 4, h, w] (noise), ``alphas_cumprod`` the model's DDPM schedule [T], ``steps`` the number of steps
-asked for. It returns the final latents. ``callback(i, x, pred_x0)`` runs after each step. Register a new sampler
+asked for. It returns the final latents, or raises :class:`NonFiniteError` (a ``ValueError``) naming the step
+where they stop being finite. ``callback(i, x, pred_x0)`` runs after each step. Register a new sampler
 with one line in :data:`SAMPLERS`.
 """
 
@@ -20,6 +21,19 @@ from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, mak
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class NonFiniteError(ValueError):
+    """The latent became NaN or infinite during sampling (damaged weights, or a schedule or settings that
+    overflow): an error rather than a black image. The message names the step."""
+
+
+def check_latent(x: torch.Tensor, step: int, steps: int) -> None:
+    """Raise :class:`NonFiniteError` unless every value of latent ``x`` is finite after step ``step`` (1-based)
+    of ``steps``. One ``isfinite`` reduction over ``x``."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"step {step} of {steps}: the latent has NaN/inf values (non-finite weights or "
+                             "an overflowing model); no image is written")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,8 @@ def sample_ddim(
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """DDIM (the reference's ``cldm/ddim_hacked.py`` update and timesteps; ``eta`` 0 is deterministic)."""
+    """DDIM (the reference's ``cldm/ddim_hacked.py`` update and timesteps; ``eta`` 0 is deterministic).
+    Raises :class:`NonFiniteError` naming the step after which the latent is not finite."""
     schedule = ddim_schedule(alphas_cumprod, steps, eta, discretize)
     timesteps = np.flip(schedule.timesteps)
     total = len(timesteps)
@@ -97,6 +112,7 @@ def sample_ddim(
         t = torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
         e_t = denoise(x, t, i, total)
         x, pred_x0 = ddim_step(x, e_t, schedule, total - i - 1, temperature, noise_dropout)
+        check_latent(x, i + 1, total)
         if callback is not None:
             callback(i, x, pred_x0)
     return x
