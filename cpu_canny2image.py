@@ -108,6 +108,7 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cldm.checkpoint import check_writable_dir
     from cldm.inference import path_from_args
     from cldm.pipeline import Canny2Image, read_image
     from ldm.device import resolve_device, set_threads
@@ -128,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         set_threads(args.threads)
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
-        out_dir = Path(args.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = check_writable_dir(args.output_dir)  # before the slow load and sampling
         start = time.perf_counter()
         pipe = Canny2Image.from_checkpoint(config, ckpt, device, low_memory=args.low_memory,
                                            path=path_from_args(args))
@@ -145,7 +145,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     stem = input_path.stem
     paths = [out_dir / f"{stem}_edges.png"] + [out_dir / f"{stem}_{seed}_{i}.png" for i in range(len(results) - 1)]
-    save_all(results, paths)
+    try:
+        save_all(results, paths)
+    except OSError as err:  # e.g. a full disk: save_all has removed what it wrote
+        print(f"error: {out_dir}: cannot write the images ({err.strerror or err}); none kept", file=sys.stderr)
+        return 1
     h, w = results[0].shape[:2]
     took = time.perf_counter() - start
     print(f"seed {seed}: {len(results) - 1} sample(s) at {w}x{h} in {took:.1f} s", file=sys.stderr)

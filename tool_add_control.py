@@ -61,10 +61,11 @@ def make_control_checkpoint(
     ``cldm.cldm.HINT_INITS``; zero convs at zero). Returns ``(copied ControlNet keys, newly initialised keys)``.
     Raises ``CheckpointError`` for an unreadable input, ``ValueError`` when a shape differs (wrong config) or
     the input has no UNet weights, ``OSError`` when the output cannot be written."""
-    from cldm.checkpoint import load_state_dict, save_checkpoint
+    from cldm.checkpoint import check_writable_dir, load_state_dict, save_checkpoint
     from cldm.cldm import kaiming_init_hint_encoder
     from cldm.model import create_model
 
+    check_writable_dir(Path(output_path).parent)  # before the (large) input is read
     pretrained = load_state_dict(input_path)
     torch.manual_seed(seed)
     model = create_model(config)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="SD checkpoint -> initial ControlNet checkpoint.")
     parser.add_argument("input_path", help="Stable Diffusion checkpoint (.ckpt/.pth/.safetensors, ldm layout)")
-    parser.add_argument("output_path", help="ControlNet checkpoint to write (must not exist)")
+    parser.add_argument("output_path", help="ControlNet checkpoint to write (must not exist; its folder is created)")
     parser.add_argument("--config", default=str(REPO / "models" / "cldm_v15.yaml"),
                         help="ControlLDM config (default: the repo's models/cldm_v15.yaml)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the fresh hint-encoder weights")
@@ -99,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.exists():
             raise ValueError(f"{out}: output file already exists")
-        if not out.parent.is_dir():
-            raise ValueError(f"{out.parent}: output directory does not exist")
         copied, new = make_control_checkpoint(args.input_path, out, args.config, args.seed, args.hint_init)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -148,10 +148,15 @@ def build_trainer(args: argparse.Namespace, ckpt_dir: Path, callbacks: list | No
 def prepare_training(args: argparse.Namespace, callbacks: list | None = None) -> tuple[Any, Any, Any, str | None]:
     """``(trainer, model, dataloader, checkpoint to resume from or None)`` for the flags of :func:`build_parser`,
     seeded by ``--seed``; ``callbacks`` are added to the trainer's. Raises ``ValueError`` naming the first bad
-    flag or missing file, ``CheckpointError`` (a ``ValueError``) or ``OSError`` for an unreadable checkpoint."""
+    flag or missing file, ``CheckpointError`` (a ``ValueError``) or ``OSError`` for an unreadable checkpoint or a
+    log/checkpoint folder that cannot be written."""
     check_args(args)
     ckpt_dir = Path(args.ckpt_dir or Path(args.log_dir) / "checkpoints")
     ckpt_path = resume_path(args, ckpt_dir)
+    from cldm.checkpoint import check_writable_dir
+
+    for folder in (args.log_dir, ckpt_dir):  # before the model is built, not at the first save
+        check_writable_dir(folder)
     import warnings
 
     import pytorch_lightning as pl

@@ -15,10 +15,12 @@ rename keys only: the tensors are the same objects (no copy, no dtype change).
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import os
 import pickle
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,13 +258,33 @@ def cast_weights(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> 
     }
 
 
+def check_writable_dir(folder: str | os.PathLike) -> Path:
+    """``folder`` as a ``Path``, created if missing, after writing and deleting a probe file in it, so that an
+    output location that cannot be written is found before any slow work. Raises ``OSError`` whose message is
+    one line naming the folder (it is a file, sits under a file, is read-only, or cannot be created)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OSError(f"{folder}: output folder is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(f"{folder}: output folder cannot be written ({_reason(err)})") from None
+    return folder
+
+
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write ``state_dict`` atomically: a flat ``.safetensors`` file for that suffix, else torch.save of
-    ``{"state_dict": ...}``. The parent folder is created; a failed write leaves no file. Raises ``OSError``."""
+    ``{"state_dict": ...}``. The parent folder is created; a failed write leaves no file. Raises ``OSError``
+    (one line naming ``path``) when the folder or the file cannot be written, the disk being full included."""
+    from safetensors import SafetensorError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".safetensors":
             import safetensors.torch
 
@@ -270,8 +292,17 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         else:
             torch.save({"state_dict": dict(state_dict)}, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports write failures as RuntimeError
+        raise OSError(f"{path}: cannot write the checkpoint ({_reason(err)})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # also when the folder is missing or is a file
+            tmp.unlink()
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of ``err``'s message without its path (the caller names the path), else its type."""
+    text = getattr(err, "strerror", None) or str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 # --- layouts -------------------------------------------------------------------------------------------------

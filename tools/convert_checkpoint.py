@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cldm.checkpoint import CheckpointError, cast_weights, load_state_dict, save_checkpoint
+from cldm.checkpoint import CheckpointError, cast_weights, check_writable_dir, load_state_dict, save_checkpoint
 from cldm.model import model_config
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
@@ -42,6 +42,7 @@ def convert_checkpoint(
     rounded to half precision); keys unchanged. ``.safetensors`` for that suffix, else a torch pickle. Returns the
     state dict written. Raises ``CheckpointError`` for an unreadable ``src`` or ``config`` or a schedule whose
     length differs from the config's, ``OSError`` when ``dst`` cannot be written."""
+    check_writable_dir(Path(dst).parent)  # before the (large) input is read
     state_dict = cast_weights(load_state_dict(src), dtype)
     for name, value in config_schedule(config).items():
         if name in state_dict:
