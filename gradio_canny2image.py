@@ -80,7 +80,7 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
             progress((i + 1, steps), desc="DDIM sampling", unit="steps")
 
         try:
-            results, _ = pipe(image, params, callback=on_step)
+            results, _ = pipe(image, params, callback=on_step, notify=gr.Warning)
         except NonFiniteError as err:
             raise gr.Error(str(err), print_exception=False) from None
         return results

@@ -6,12 +6,16 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import cpu_canny2image
 import gradio_canny2image
+from cldm.pipeline import Canny2Image, CannyParams
 from ldm.device import set_threads
+from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+from ldm.modules.encoders.tokenizer import EOS_ID, count_tokens, load_clip_tokenizer, tokenize
 from share import DEMO_CKPT, TINY_CONFIG, choose_model
 from tests.conftest import REPO
 
@@ -83,3 +87,57 @@ def test_port_out_of_range_is_one_line(capsys: pytest.CaptureFixture, port: int)
 def test_lightning_logs_are_git_ignored(path: str, ignored: bool) -> None:
     done = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO, check=False)
     assert done.returncode == (0 if ignored else 1)
+
+
+LONG_PROMPT = " ".join(["red circle"] * 50)  # 100 words: 102 tokens with start and end
+
+
+def test_count_tokens_matches_what_tokenize_keeps() -> None:
+    tokenizer = load_clip_tokenizer()
+    assert count_tokens(tokenizer, "") == 2
+    assert count_tokens(tokenizer, "red circle") == 4
+    assert count_tokens(tokenizer, LONG_PROMPT) == 102
+    ids = tokenize(tokenizer, ["red circle with blue background"])[0]
+    n = count_tokens(tokenizer, "red circle with blue background")
+    assert ids[n - 1] == EOS_ID and ids[n - 2] != EOS_ID
+
+
+def test_openclip_count_tokens() -> None:
+    encoder = FrozenOpenCLIPEmbedder.__new__(FrozenOpenCLIPEmbedder)
+    encoder.tokenizer = load_clip_tokenizer()
+    assert encoder.count_tokens("Red  Circle") == 4
+    assert encoder.count_tokens(LONG_PROMPT) == 102
+
+
+@pytest.mark.parametrize(
+    "prompt,a_prompt,n_prompt,said",
+    [
+        ("red circle", "", "", []),
+        (LONG_PROMPT, "", "", ["the prompt is 102 tokens"]),
+        (LONG_PROMPT, "best", "", ["the prompt with the added prompt is 104 tokens"]),
+        ("red circle", "", LONG_PROMPT, ["the negative prompt is 102 tokens"]),
+        (LONG_PROMPT, "", LONG_PROMPT, ["the prompt is 102 tokens and the negative prompt is 102 tokens"]),
+    ],
+)
+def test_long_prompt_is_said_once(
+    tiny_model: torch.nn.Module, prompt: str, a_prompt: str, n_prompt: str, said: list[str]
+) -> None:
+    pipe = Canny2Image(tiny_model, torch.device("cpu"))
+    params = CannyParams(prompt=prompt, a_prompt=a_prompt, n_prompt=n_prompt, image_resolution=64, ddim_steps=1,
+                         seed=1)  # fmt: skip
+    messages: list[str] = []
+    image = np.zeros((64, 64, 3), np.uint8)
+    pipe(image, params, progress=False, notify=messages.append)
+    assert [m.split(":")[0] for m in messages] == said
+    assert all(m.endswith("reads the first 77 (start and end included), the rest is ignored") for m in messages)
+
+
+def test_long_prompt_is_one_line_on_the_cli(capsys: pytest.CaptureFixture, tiny_ckpt: Path, tmp_path: Path) -> None:
+    code = cpu_canny2image.main(["--ckpt", str(tiny_ckpt), "--config", str(TINY_CONFIG), "-o", str(tmp_path),
+                                 "--image-resolution", "64", "--ddim-steps", "1", "-p", LONG_PROMPT,
+                                 "--a-prompt", "", "--n-prompt", ""])  # fmt: skip
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert [line for line in err.splitlines() if "tokens" in line] == [
+        "the prompt is 102 tokens: the text encoder reads the first 77 (start and end included), the rest is ignored"
+    ]
