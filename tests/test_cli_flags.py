@@ -12,6 +12,8 @@ import torch
 
 import cpu_canny2image
 import gradio_canny2image
+from cldm.checkpoint import CheckpointError, load_state_dict
+from cldm.model import load_model, matching_configs
 from cldm.pipeline import Canny2Image, CannyParams
 from ldm.device import set_threads
 from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
@@ -141,3 +143,36 @@ def test_long_prompt_is_one_line_on_the_cli(capsys: pytest.CaptureFixture, tiny_
     assert [line for line in err.splitlines() if "tokens" in line] == [
         "the prompt is 102 tokens: the text encoder reads the first 77 (start and end included), the rest is ignored"
     ]
+
+
+def test_tiny_checkpoint_without_config_names_the_tiny_config(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """Without --config the default (models/cldm_v15.yaml) is built: the tiny checkpoint does not fit it."""
+    code = cpu_canny2image.main(["--ckpt", str(DEMO_CKPT), "-o", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    line = one_error_line(err)
+    assert "does not match the model config" in line
+    assert line.endswith("it matches models/cldm_tiny.yaml: pass --config models/cldm_tiny.yaml")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_matching_configs(tmp_path: Path) -> None:
+    state_dict = load_state_dict(DEMO_CKPT)
+    models = REPO / "models"
+    assert matching_configs(state_dict, models / "cldm_v15.yaml") == [models / "cldm_tiny.yaml"]
+    assert matching_configs(state_dict, models / "cldm_tiny.yaml") == []  # the config given is not a candidate
+    assert matching_configs(state_dict, models / "cldm_v15.yaml", base=True) == []  # the ControlNet is extra there
+    damaged = dict(state_dict)
+    del damaged["control_model.input_hint_block.0.weight"]
+    assert matching_configs(damaged, models / "cldm_v15.yaml") == []
+
+
+def test_checkpoint_matching_no_config_gets_no_hint(tiny_ckpt: Path, tmp_path: Path) -> None:
+    state_dict = load_state_dict(tiny_ckpt)
+    del state_dict["control_model.input_hint_block.0.weight"]
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save({"state_dict": state_dict}, damaged)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(REPO / "models" / "cldm_v15.yaml", damaged)
+    assert "does not match the model config" in str(caught.value)
+    assert "pass --config" not in str(caught.value)
