@@ -176,3 +176,14 @@ def test_checkpoint_matching_no_config_gets_no_hint(tiny_ckpt: Path, tmp_path: P
         load_model(REPO / "models" / "cldm_v15.yaml", damaged)
     assert "does not match the model config" in str(caught.value)
     assert "pass --config" not in str(caught.value)
+
+
+def test_long_prompt_is_a_page_warning(tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    gr = pytest.importorskip("gradio")
+    warned: list[str] = []
+    monkeypatch.setattr(gr, "Warning", warned.append)
+    process = gradio_canny2image.make_process(Canny2Image(tiny_model, torch.device("cpu")))
+    results = process(str(REPO / "test_imgs" / "disc.png"), LONG_PROMPT, "", "", 1, 64, 1, False, 1.0, 9.0, 3, 0.0,
+                      100, 200, progress=lambda *args, **kwargs: None)  # fmt: skip
+    assert len(results) == 2
+    assert [w.split(":")[0] for w in warned] == ["the prompt is 102 tokens"]
