@@ -80,7 +80,7 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
             progress((i + 1, steps), desc="DDIM sampling", unit="steps")
 
         try:
-            results, _ = pipe(image, params, callback=on_step)
+            results, _ = pipe(image, params, callback=on_step, notify=gr.Warning)
         except NonFiniteError as err:
             raise gr.Error(str(err), print_exception=False) from None
         return results
@@ -138,6 +138,9 @@ def build_page(
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        print(f"error: --port must be between 1 and 65535, got {args.port}", file=sys.stderr)
+        return 1
     try:
         import gradio as gr
     except ImportError:

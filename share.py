@@ -83,7 +83,12 @@ class ModelChoice:
 
 
 def choose_model(ckpt: str | Path | None = None, config: str | Path | None = None, demo: bool = False) -> ModelChoice:
-    """The scripts' model choice: ``--demo``, an explicit ``--ckpt``, the real checkpoint, else the demo."""
+    """The scripts' model choice: ``--demo``, an explicit ``--ckpt``, the real checkpoint, else the demo.
+
+    ``ValueError`` when both ``--demo`` and ``--ckpt`` are given (the demo has its own checkpoint)."""
+    if demo and ckpt is not None:
+        raise ValueError(f"--demo and --ckpt {ckpt} cannot be combined: --demo runs {repo_relative(DEMO_CKPT)}; "
+                         "drop one of them")  # fmt: skip
     if demo:
         return ModelChoice(Path(config or TINY_CONFIG), demo_checkpoint(), True)
     if ckpt is not None:

@@ -89,6 +89,29 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], name: str = "checkpoint
             raise CheckpointError(f"{name}: non-finite weights (NaN or inf) in {key}; the file is damaged")
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when inside it, for messages."""
+    relative = Path(os.path.relpath(path.resolve()))
+    return path if relative.parts[:1] == ("..",) else relative
+
+
+def matching_configs(state_dict: Mapping[str, torch.Tensor], config_path: Path, base: bool = False) -> list[Path]:
+    """The yaml configs next to ``config_path`` (e.g. the other ``models/*.yaml``), itself excluded, whose model
+    (built on the meta device; ``base`` as :func:`load_model`) has exactly ``state_dict``'s keys and shapes."""
+    found = []
+    for candidate in sorted(config_path.parent.glob("*.yaml")):
+        if candidate.resolve() == config_path.resolve():
+            continue
+        try:
+            with torch.device("meta"):
+                model = instantiate_from_config(model_config(candidate, base))
+            check_state_dict(model, state_dict)
+        except Exception:  # noqa: BLE001 - a hint only: a yaml that is no model config, or does not match, is skipped
+            continue
+        found.append(candidate)
+    return found
+
+
 def load_model(
     config_path: str | os.PathLike,
     ckpt_path: str | os.PathLike,
@@ -105,13 +128,22 @@ def load_model(
     layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model
     in eval mode on ``device``. The noise schedule is always the config's (float64 -> float32), whatever the
     file holds. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint problem, including
-    a NaN or infinite weight (:func:`check_finite`, which reads the whole file once).
+    a NaN or infinite weight (:func:`check_finite`, which reads the whole file once); when the checkpoint's keys
+    and shapes do not fit the config but fit another yaml next to it (:func:`matching_configs`), the message
+    names that config.
     """
     config = model_config(config_path, base)
     state_dict = load_state_dict(ckpt_path)
     with torch.device("meta"):
         model = instantiate_from_config(config)
-    check_state_dict(model, state_dict, str(ckpt_path))
+    try:
+        check_state_dict(model, state_dict, str(ckpt_path))
+    except CheckpointError as err:
+        matches = matching_configs(state_dict, Path(config_path), base)
+        if not matches:
+            raise
+        shown = _shown(matches[0])
+        raise CheckpointError(f"{err}; it matches {shown}: pass --config {shown}") from None
     check_finite(state_dict, str(ckpt_path))
     params = {name for name, _ in model.named_parameters()}
 

@@ -194,6 +194,16 @@ class Canny2Image:
         if self.path.page_out:
             release_mapped_weights(*modules)
 
+    def _check_prompt_length(self, params: CannyParams, notify: Callable[[str], None]) -> None:
+        encoder = self.model.cond_stage_model
+        prompt = "prompt with the added prompt" if params.a_prompt else "prompt"
+        long = [(name, n) for name, text in ((prompt, params.full_prompt()), ("negative prompt", params.n_prompt))
+                if (n := encoder.count_tokens(text)) > encoder.max_length]  # fmt: skip
+        if long:
+            said = " and ".join(f"the {name} is {n} tokens" for name, n in long)
+            notify(f"{said}: the text encoder reads the first {encoder.max_length} (start and end included), "
+                   "the rest is ignored")  # fmt: skip
+
     def sampling_steps(self, ddim_steps: int) -> int:
         """Denoiser steps a run of ``ddim_steps`` takes (the reference's DDIM schedule visits 31 for 30)."""
         return sampling_steps("ddim", ddim_steps, self.model.num_timesteps)
@@ -210,9 +220,14 @@ class Canny2Image:
         params: CannyParams,
         callback: Callable[[int], None] | None = None,
         progress: bool = True,
+        notify: Callable[[str], None] | None = None,
     ) -> tuple[list[np.ndarray], int]:
-        """Return ``([255 - edge map, sample_1, ...], seed)``: HWC uint8 images, as the reference demo."""
+        """Return ``([255 - edge map, sample_1, ...], seed)``: HWC uint8 images, as the reference demo.
+
+        A prompt longer than the text encoder reads is cut as the reference does; ``notify`` (default: a line
+        on stderr) is told so once per call."""
         params.validate()
+        self._check_prompt_length(params, notify or _to_stderr)
         detected_map = self.edges(input_image, params)
         height, width = detected_map.shape[:2]
         n = params.num_samples

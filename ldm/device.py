@@ -67,10 +67,13 @@ def lightning_accelerator(device: torch.device) -> str:
 
 
 def set_threads(n: int | None) -> None:
-    """Set torch's CPU thread count from a ``--threads`` flag (``None``: leave torch's choice)."""
+    """Set torch's CPU thread count from a ``--threads`` flag (``None``: leave torch's choice).
+
+    ``ValueError`` naming the flag unless 1 <= ``n`` <= ``os.cpu_count()``: more threads than cores only make
+    every step wait on the others."""
     if n is None:
         return
-    if n < 1:
-        raise ValueError(f"--threads must be at least 1, got {n}")
+    cores = os.cpu_count() or 1
+    if not 1 <= n <= cores:
+        raise ValueError(f"--threads must be between 1 and {cores} (this machine's CPU count), got {n}")
     torch.set_num_threads(n)
-

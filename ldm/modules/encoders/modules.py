@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.modules.encoders.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer, tokenize
+from ldm.modules.encoders.tokenizer import BOS_ID, EOS_ID, count_tokens, load_clip_tokenizer, tokenize
 from ldm.util import check_supported
 
 # Text config of openai/clip-vit-large-patch14 (its config.json ``text_config``).
@@ -134,6 +134,10 @@ class FrozenCLIPEmbedder(nn.Module):
     def tokenize(self, text: list[str]) -> torch.Tensor:
         """Token ids [B, max_length], padded with ``<|endoftext|>`` as the reference."""
         return tokenize(self.tokenizer, text, self.max_length)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes uncut, start and end included; the encoder reads the first ``max_length``."""
+        return count_tokens(self.tokenizer, text)
 
     def forward(self, text: list[str] | str) -> torch.Tensor:
         if isinstance(text, str):
@@ -359,6 +363,12 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def tokenize(self, text: list[str] | str) -> torch.Tensor:
         """Token ids [B, max_length], zero-padded as open_clip's ``tokenize``."""
         return openclip_tokenize(self.tokenizer, text, self.max_length)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes uncut, start and end included; the encoder reads the first ``max_length``."""
+        body = self.tokenizer(openclip_clean_text(text), add_special_tokens=False, split_special_tokens=True,
+                              verbose=False)  # fmt: skip
+        return len(body["input_ids"]) + 2
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, 77] -> hidden states [B, 77, width], skipping the last ``layer_idx`` blocks."""

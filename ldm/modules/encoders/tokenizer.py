@@ -72,6 +72,12 @@ def clean_text(text: str) -> str:
     return "".join(part if _SPECIAL_RE.fullmatch(part) else ftfy.fix_text(part) for part in parts)
 
 
+def count_tokens(tokenizer: CLIPTokenizer, text: str) -> int:
+    """Tokens ``text`` takes before any cut, BOS and EOS included (as :func:`tokenize` cleans and splits it):
+    above ``max_length`` the encoder reads only the first ``max_length``."""
+    return len(tokenizer(clean_text(text), verbose=False)["input_ids"])  # verbose: no length warning
+
+
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.LongTensor:
     """Tokenize prompts to a ``[B, max_length]`` LongTensor.
 
