@@ -154,6 +154,14 @@ def check_config(config: Any, field: str = "model") -> None:
     if not (isinstance(params, Mapping) or _is_dict_config(params)):
         raise ConfigError(f"{field}.params: expected a mapping, got {_show(params)}")
     sources = _signature_sources(cls) if inspect.isclass(cls) else []
+    _check_params(params, sources, f"{field}.params", config["target"], getattr(cls, "nested_params", {}))
+
+
+def _check_params(
+    params: Any, sources: list[Any], field: str, owner: str, nested: Mapping[str, Sequence[type]]
+) -> None:
+    """:func:`check_config` for one ``params`` mapping given to the callables ``sources`` (None: further keyword
+    arguments taken unchecked); ``nested``: parameters holding plain mappings of keyword arguments for classes."""
     known: dict[str, inspect.Parameter] = {}
     hints: dict[str, Any] = {}
     for source in sources:
@@ -169,16 +177,20 @@ def check_config(config: Any, field: str = "model") -> None:
                 known[name] = param
                 hints[name] = source_hints.get(name, Any)
     for name, value in params.items():
-        where = f"{field}.params.{name}"
+        where = f"{field}.{name}"
+        is_mapping = isinstance(value, Mapping) or _is_dict_config(value)
         if sources and None not in sources and name not in known:
-            raise ConfigError(f"{where}: unknown parameter of {config['target']}")
-        if name in SUBMODELS or ((isinstance(value, Mapping) or _is_dict_config(value)) and "target" in value):
+            raise ConfigError(f"{where}: unknown parameter of {owner}")
+        if name in SUBMODELS or (is_mapping and "target" in value):
             check_config(value, where)
         elif name in hints and not _accepts(hints[name], value):
             raise ConfigError(f"{where}: expected {_hint_text(hints[name])}, got {_show(value)}")
+        elif name in nested and is_mapping:
+            inner = [s for klass in nested[name] for s in _signature_sources(klass)]
+            _check_params(value, inner, where, f"{owner}.{name}", {})
     for name, param in known.items():
-        if param.default is inspect.Parameter.empty and name not in params and name != "self":
-            raise ConfigError(f"{field}.params.{name}: missing (required by {config['target']})")
+        if param.default is inspect.Parameter.empty and name not in params:
+            raise ConfigError(f"{field}.{name}: missing (required by {owner})")
 
 
 def _hint_text(hint: Any) -> str:

@@ -94,8 +94,15 @@ FAULTS: dict[str, tuple[Edit, str]] = {
                       "ldm.models.autoencoder.AutoencoderKL"),
     "params not a mapping": (lambda c: setattr(c.model.params.unet_config, "params", 3),
                              "model.params.unet_config.params: expected a mapping, got 3"),
-    "value the constructor refuses": (lambda c: setattr(c.model.params.first_stage_config.params.ddconfig, "ch", "x"),
-                                      "model: cannot build cldm.cldm.ControlLDM: "),
+    "nested wrong type": (lambda c: setattr(c.model.params.first_stage_config.params.ddconfig, "ch", "x"),
+                          "model.params.first_stage_config.params.ddconfig.ch: expected int, got 'x'"),
+    "nested missing": (lambda c: c.model.params.first_stage_config.params.ddconfig.pop("z_channels"),
+                       "model.params.first_stage_config.params.ddconfig.z_channels: missing (required by "
+                       "ldm.models.autoencoder.AutoencoderKL.ddconfig)"),
+    "value the constructor refuses": (
+        lambda c: setattr(c.model.params.unet_config.params, "use_spatial_transformer", False),
+        "model: cannot build cldm.cldm.ControlLDM: ControlledUnetModel: parameter 'use_spatial_transformer' = False "
+        "is not supported"),
 }  # fmt: skip
 
 
