@@ -67,6 +67,8 @@ class ControlNet(nn.Module):
     (convs 16-32-96-256, stride 2 three times) and added after the first input block.
     """
 
+    params_from = (UNetConfig,)  # where **structure goes (ldm.util.check_config reads it)
+
     def __init__(
         self,
         image_size: int,

@@ -20,7 +20,7 @@ from cldm.checkpoint import CheckpointError, check_state_dict
 from cldm.checkpoint import load_state_dict as load_state_dict  # the reference API: from cldm.model import ...
 from ldm.memory import LOW_MEMORY_DTYPE, compute_in_float32
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, check_config, instantiate_from_config
 
 
 def read_config(config_path: str | os.PathLike) -> Any:
@@ -56,15 +56,37 @@ def base_model_config(model_config: Any) -> Any:
 
 
 def model_config(config_path: str | os.PathLike, base: bool = False) -> Any:
-    """The ``model`` section of a yaml config; ``base``: its base model (see :func:`base_model_config`)."""
+    """The ``model`` section of a yaml config; ``base``: its base model (see :func:`base_model_config`).
+    Raises :class:`~cldm.checkpoint.CheckpointError` "<file>: <field>: <problem>" when a target is not one of the
+    project's classes (:func:`ldm.util.allowed_targets`) or a parameter is missing, unknown or of the wrong type
+    (:func:`ldm.util.check_config`)."""
     config = read_config(config_path).model
+    try:
+        check_config(config, "model")
+    except ConfigError as err:
+        raise CheckpointError(f"{config_path}: {err}") from err
     return base_model_config(config) if base else config
+
+
+# What a model's constructor raises for parameter values it cannot use.
+BUILD_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, RuntimeError)
+
+
+def build_model(config: Any, config_path: str | os.PathLike) -> nn.Module:
+    """``instantiate_from_config(config)``, with any error of the constructor as
+    :class:`~cldm.checkpoint.CheckpointError` "<file>: model: cannot build <target>: <first line>"."""
+    try:
+        return instantiate_from_config(config)
+    except BUILD_ERRORS as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{config_path}: model: cannot build {config.target}: {first}") from err
 
 
 def create_model(config_path: str | os.PathLike, base: bool = False) -> nn.Module:
     """Build the model of a yaml config with freshly initialised weights, on the CPU (reference API);
-    ``base``: the config's base model without the ControlNet."""
-    return instantiate_from_config(model_config(config_path, base)).cpu()
+    ``base``: the config's base model without the ControlNet. Raises
+    :class:`~cldm.checkpoint.CheckpointError` naming the file and the field for a config that cannot be built."""
+    return build_model(model_config(config_path, base), config_path).cpu()
 
 
 def _materialize_nonpersistent(model: nn.Module) -> None:
@@ -135,7 +157,7 @@ def load_model(
     config = model_config(config_path, base)
     state_dict = load_state_dict(ckpt_path)
     with torch.device("meta"):
-        model = instantiate_from_config(config)
+        model = build_model(config, config_path)
     try:
         check_state_dict(model, state_dict, str(ckpt_path))
     except CheckpointError as err:

@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ldm.modules.winograd as winograd
+from cldm.control import Control
 from cldm.inference import use_path
-from cldm.model import load_model
+from cldm.model import load_model, model_config
 from ldm.modules.winograd import (
     Conv2d,
     filter_transform,
@@ -19,6 +20,7 @@ from ldm.modules.winograd import (
     winograd_conv3x3,
     winograd_tile,
 )
+from ldm.util import instantiate_from_config
 from tests.conftest import TINY_CONFIG
 
 
@@ -152,3 +154,33 @@ def test_smallest_batches_take_the_unfold_convolution(monkeypatch: pytest.Monkey
         conv(torch.randn(2, 32, 8, 8))  # 128 pixels: direct
     assert calls == [(2, 32, 4, 4)]
     assert (y - F.conv2d(small, conv.weight, conv.bias, padding=1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_winograd_follows_the_device_and_dtype_of_its_inputs(tile: int, dtype: torch.dtype) -> None:
+    # On the meta device any tensor made on the CPU (a transform matrix) and mixed in raises.
+    x = torch.empty(2, 32, 8, 8, device="meta", dtype=dtype)
+    w = torch.empty(48, 32, 3, 3, device="meta", dtype=dtype)
+    y = winograd_conv3x3(x, w, torch.empty(48, device="meta", dtype=dtype), tile)
+    assert y.is_meta and y.dtype == dtype and y.shape == (2, 48, 8, 8)
+    assert filter_transform(w, tile).is_meta and filter_transform(w, tile).dtype == dtype
+
+
+def test_fast_path_forward_creates_no_tensor_off_the_input_device() -> None:
+    # The tiny model on the meta device, fast path (Winograd with tile 4 and 2, unfold, direct at the levels of a
+    # 256 px batch of 2): the text encoder, the ControlNet, the UNet and the VAE decoder give meta tensors.
+    with torch.device("meta"):
+        model = instantiate_from_config(model_config(TINY_CONFIG)).eval()
+    use_path(model, "fast")
+    assert set_conv_algorithm(model, "winograd") > 0
+    x = torch.empty(2, 4, 32, 32, device="meta")
+    t = torch.full((2,), 500, dtype=torch.long, device="meta")
+    hint = torch.empty(1, 3, 256, 256, device="meta")
+    with torch.no_grad():
+        context = model.get_learned_conditioning(["a", "b"])
+        control = Control.from_strength(model.control_model, hint)
+        eps = model.apply_model(x, t, {"c_crossattn": [context]}, controls=[control])
+        image = model.decode_first_stage(eps)
+    assert context.is_meta and eps.is_meta and image.is_meta
+    assert eps.shape == x.shape and image.shape == (2, 3, 256, 256)

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from cldm.checkpoint import CheckpointError, cast_weights, check_writable_dir, load_state_dict, save_checkpoint
-from cldm.model import model_config
+from cldm.model import build_model, model_config
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
-from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "models" / "cldm_v15.yaml"
@@ -30,7 +29,7 @@ def config_schedule(config: str | Path) -> dict[str, torch.Tensor]:
     computes them (float64, then float32); the model's weights are never allocated. Raises ``CheckpointError``
     for an unreadable config."""
     with torch.device("meta"):
-        model = instantiate_from_config(model_config(config))
+        model = build_model(model_config(config), config)
     return {name: buffer for name, buffer in model.named_buffers() if name in SCHEDULE_BUFFERS}
 
 

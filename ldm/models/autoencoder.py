@@ -22,6 +22,8 @@ class AutoencoderKL(nn.Module):
     (:func:`ldm.util.check_supported`). ``image_key`` and ``monitor`` only serve that training: any value is accepted.
     """
 
+    nested_params = {"ddconfig": (Encoder, Decoder)}  # ddconfig's keys go to both (ldm.util.check_config reads it)
+
     def __init__(
         self,
         ddconfig: Mapping[str, Any],

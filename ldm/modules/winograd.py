@@ -16,6 +16,7 @@ padding-1, 3×3 convolutions when no gradient is recorded, with the tile size ch
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -35,12 +36,22 @@ MAX_PIXELS_UNFOLD = 32
 Tensors = Sequence[torch.Tensor]
 Outs = Sequence[torch.Tensor] | None
 
-# Filter transforms G (rows: tile positions); F(m, 3): Y = A^T [(G g G^T) * (B^T d B)] A.
+# Filter transforms G (rows: tile positions); F(m, 3): Y = A^T [(G g G^T) * (B^T d B)] A. Plain numbers: the
+# tensors are made on the weights' device and in their dtype (:func:`_filter_matrix`).
 _G = {
-    2: torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64),
-    4: torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-                     [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64),
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
 }  # fmt: skip
+
+
+@lru_cache(maxsize=16)
+def _filter_matrix(tile: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``G ⊗ G`` ((tile+2)², 9) of F(tile, 3) on ``device`` in ``dtype``; cached per (tile, device, dtype), made
+    as a plain tensor (not an inference tensor) whatever the caller's mode."""
+    with torch.inference_mode(False), torch.no_grad():
+        g = torch.tensor(_G[tile], dtype=torch.float64, device="cpu").to(device=device, dtype=dtype)  # 1/6 rounded once
+        return torch.kron(g, g)
 
 
 def _input_1d_tile2(d: Tensors, out: Outs = None) -> list[torch.Tensor]:
@@ -82,8 +93,8 @@ _OUTPUT_1D: dict[int, Callable[..., list[torch.Tensor]]] = {2: _output_1d_tile2,
 def filter_transform(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
     """(Cout, Cin, 3, 3) filters -> ((tile+2)², Cout, Cin) transformed filters ``G g G^T``, tile position first."""
     cout, cin = weight.shape[:2]
-    g = _G[tile].to(weight.dtype)
-    return (torch.kron(g, g) @ weight.reshape(cout * cin, 9).t()).view((tile + 2) ** 2, cout, cin)
+    gg = _filter_matrix(tile, weight.device, weight.dtype)
+    return (gg @ weight.reshape(cout * cin, 9).t()).view((tile + 2) ** 2, cout, cin)
 
 
 def _input_transform(x: torch.Tensor, tile: int) -> torch.Tensor:

@@ -324,6 +324,8 @@ def build_encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, nn.Module, list[int]]
 class UNetModel(nn.Module):
     """Noise predictor eps(x_t, t, context). x [B, in_channels, H, W] -> [B, out_channels, H, W]."""
 
+    params_from = (UNetConfig,)  # where **structure goes (ldm.util.check_config reads it)
+
     def __init__(
         self,
         image_size: int,
