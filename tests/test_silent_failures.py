@@ -36,11 +36,12 @@ def all_half(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
-def assert_config_schedule(model: torch.nn.Module, config_schedule: dict[str, torch.Tensor]) -> None:
+def assert_config_schedule(tensors: torch.nn.Module | dict, config_schedule: dict[str, torch.Tensor]) -> None:
+    """A model's buffers, or a state dict, hold exactly the config's float32 schedule."""
+    found = dict(tensors.named_buffers()) if isinstance(tensors, torch.nn.Module) else tensors
     for name, value in config_schedule.items():
-        buffer = getattr(model, name)
-        assert buffer.dtype == torch.float32 and torch.equal(buffer, value), name
-    assert model.alphas_cumprod[0] < 1
+        assert found[name].dtype == torch.float32 and torch.equal(found[name], value), name
+    assert found["alphas_cumprod"][0] < 1
 
 
 def sample(model: torch.nn.Module) -> np.ndarray:
@@ -77,9 +78,7 @@ def test_tool_add_control_writes_the_config_schedule_from_a_half_sd_file(
     assert_config_schedule(load_model(TINY_CONFIG, sd, base=True), config_schedule)
     control = tmp_path / "control_ini.ckpt"
     assert tool_add_control.main([str(sd), str(control), "--config", str(TINY_CONFIG)]) == 0
-    written = load_state_dict(control)
-    for name, value in config_schedule.items():
-        assert written[name].dtype == torch.float32 and torch.equal(written[name], value), name
+    assert_config_schedule(load_state_dict(control), config_schedule)
 
     out = tmp_path / "out"
     capsys.readouterr()
@@ -98,8 +97,8 @@ def test_convert_checkpoint_writes_the_config_schedule(
     save_checkpoint(all_half(load_state_dict(tiny_ckpt), dtype), half)
     written = convert_checkpoint(half, tmp_path / "out.safetensors", torch.bfloat16, TINY_CONFIG)
     reread = load_state_dict(tmp_path / "out.safetensors")
-    for name, value in config_schedule.items():
-        assert torch.equal(written[name], value) and torch.equal(reread[name], value), name
+    assert_config_schedule(written, config_schedule)
+    assert_config_schedule(reread, config_schedule)
     assert reread["model.diffusion_model.out.2.weight"].dtype == torch.bfloat16
 
 
