@@ -27,7 +27,7 @@ import os
 import re
 import tarfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,31 @@ def check_pair(target: Size, source: Size, target_name: str, source_name: str, r
                              f"{shown_size((resolution, resolution))}")
     if target[0] % multiple or target[1] % multiple:
         raise ImageSizeError(f"{target_name}: {shown_size(target)}: sides must be multiples of {multiple}")
+
+
+def as_is(resolution: int | None, resize: str) -> bool:
+    """Whether images are used at their own size (no resolution, or ``resize="none"``)."""
+    return resolution is None or resize == "none"
+
+
+def check_sizes(pairs: Iterable[tuple[str, Size, str, Size]], resolution: int | None, resize: str,
+                batch_size: int = 1, multiple: int = 1) -> Size | None:
+    """Check ``(target name, target size, source name, source size)`` pairs in order with :func:`check_pair`;
+    with ``batch_size > 1`` and images used as they are, every pair must also have the first one's size.
+    Returns the one (width, height) the items will have, or None when they vary. Raises
+    :class:`ImageSizeError` naming the first file that does not fit."""
+    first: tuple[Size, str] | None = None
+    sizes = set()
+    for target_name, target, source_name, source in pairs:
+        check_pair(target, source, target_name, source_name, resolution, resize, multiple)
+        first = first or (target, target_name)
+        if as_is(resolution, resize) and batch_size > 1 and target != first[0]:
+            raise ImageSizeError(f"{target_name}: {shown_size(target)}, but {first[1]} is "
+                                 f"{shown_size(first[0])}: images batched together must have one size")
+        sizes.add(target)
+    if not as_is(resolution, resize):
+        return resolution, resolution
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def scale_to(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -236,26 +261,17 @@ class Fill50kDataset(Dataset):
         return self.root / entry["target"], self.root / entry["source"]
 
     def check(self, batch_size: int = 1, multiple: int = 1) -> Size | None:
-        """Read the header of every image (:func:`header_size`, no pixel decoding) and check each pair with
-        :func:`check_pair`; with ``batch_size > 1`` and images used as they are, every pair must also have the
-        first pair's size. Returns the one (width, height) the items will have, or None when they vary. Raises
-        ``FileNotFoundError`` / ``ValueError`` (:class:`ImageSizeError` for sizes) naming the first bad file."""
-        as_is = self.resolution is None or self.resize == "none"
-        first: tuple[Size, Path] | None = None
-        sizes = set()
-        for idx in range(len(self)):
-            target_path, source_path = self.paths(idx)
-            source = header_size(source_path, str(source_path))
-            target = header_size(target_path, str(target_path))
-            check_pair(target, source, str(target_path), str(source_path), self.resolution, self.resize, multiple)
-            first = first or (target, target_path)
-            if as_is and batch_size > 1 and target != first[0]:
-                raise ImageSizeError(f"{target_path}: {shown_size(target)}, but {first[1]} is "
-                                     f"{shown_size(first[0])}: images batched together must have one size")
-            sizes.add(target)
-        if not as_is:
-            return self.resolution, self.resolution
-        return sizes.pop() if len(sizes) == 1 else None
+        """Read the header of every image (:func:`header_size`, no pixel decoding) and check the pairs with
+        :func:`check_sizes` (its arguments and return value). Raises ``FileNotFoundError`` / ``ValueError``
+        (:class:`ImageSizeError` for sizes) naming the first bad file."""
+
+        def headers() -> Iterator[tuple[str, Size, str, Size]]:
+            for idx in range(len(self)):
+                target, source = self.paths(idx)
+                source_size = header_size(source, str(source))
+                yield str(target), header_size(target, str(target)), str(source), source_size
+
+        return check_sizes(headers(), self.resolution, self.resize, batch_size, multiple)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         target_path, source_path = self.paths(idx)
@@ -391,30 +407,24 @@ class WebDatasetShards(IterableDataset):
         self.epoch = epoch
 
     def check(self, batch_size: int = 1, multiple: int = 1) -> Size | None:
-        """Read every shard's first complete sample (image headers only, :func:`header_size`) and check it with
-        :func:`check_pair`; with ``batch_size > 1`` and images used as they are, all must have the first one's
-        size, which later samples must then have too (others are skipped). ``multiple`` also applies to later
-        samples. Returns the one (width, height) of the items, or None when it may vary. Raises ``ValueError``
-        (:class:`ImageSizeError` for sizes) naming the shard and sample."""
-        as_is = self.resolution is None or self.resize == "none"
-        first: tuple[Size, str] | None = None
-        for shard in self.shards:
-            key, group = next(((k, g) for k, g in iter_tar_groups(shard) if all(e in g for e in SHARD_MEMBERS)),
-                              (None, None))  # fmt: skip
-            if group is None:
-                raise ValueError(f"{shard}: no complete sample ({', '.join('.' + e for e in SHARD_MEMBERS)})")
-            target_name, source_name = f"{shard}:{key}.jpg", f"{shard}:{key}.png"
-            target, source = header_size(group["jpg"], target_name), header_size(group["png"], source_name)
-            check_pair(target, source, target_name, source_name, self.resolution, self.resize, multiple)
-            first = first or (target, target_name)
-            if as_is and batch_size > 1 and target != first[0]:
-                raise ImageSizeError(f"{target_name}: {shown_size(target)}, but {first[1]} is "
-                                     f"{shown_size(first[0])}: images batched together must have one size")
+        """Read every shard's first complete sample (image headers only, :func:`header_size`) and check them with
+        :func:`check_sizes` (its arguments and return value). Later samples are then held to ``multiple`` and,
+        with ``batch_size > 1`` and images used as they are, to the first sample's size (others are skipped).
+        Raises ``ValueError`` (:class:`ImageSizeError` for sizes) naming the shard and sample."""
+
+        def headers() -> Iterator[tuple[str, Size, str, Size]]:
+            for shard in self.shards:
+                key, group = next(((k, g) for k, g in iter_tar_groups(shard)
+                                   if all(e in g for e in SHARD_MEMBERS)), (None, None))  # fmt: skip
+                if group is None:
+                    raise ValueError(f"{shard}: no complete sample ({', '.join('.' + e for e in SHARD_MEMBERS)})")
+                target, source = f"{shard}:{key}.jpg", f"{shard}:{key}.png"
+                yield target, header_size(group["jpg"], target), source, header_size(group["png"], source)
+
+        size = check_sizes(headers(), self.resolution, self.resize, batch_size, multiple)
         self.multiple = multiple
-        if not as_is:
-            return self.resolution, self.resolution
-        self.size = first[0] if batch_size > 1 else None
-        return self.size
+        self.size = size if batch_size > 1 and as_is(self.resolution, self.resize) else None
+        return size
 
     def _assignment(self) -> tuple[list[str], int, int]:
         """(shards to read, sample stride, sample offset) for the current rank and worker."""
