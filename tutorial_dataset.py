@@ -15,8 +15,9 @@ from cldm.data import Fill50kDataset
 class MyDataset(Fill50kDataset):
     """Samples of ``./training/fill50k/prompt.json``: jpg (H, W, 3) in [-1, 1], txt str, hint (H, W, 3) in [0, 1]."""
 
-    def __init__(self, root: str | Path = "./training/fill50k", resolution: int | None = None) -> None:
-        super().__init__(root, resolution)
+    def __init__(self, root: str | Path = "./training/fill50k", resolution: int | None = None,
+                 resize: str = "center-crop") -> None:
+        super().__init__(root, resolution, resize)
 
 
 def main() -> int:

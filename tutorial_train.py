@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="./training/fill50k", help="fill50k folder with prompt.json (%(default)s)")
     p.add_argument("--webdataset", default=None, metavar="SHARDS",
                    help="train on WebDataset tar shards instead (glob or brace pattern: 'shards/{000000..000009}.tar')")
-    p.add_argument("--resolution", type=int, default=None, help="resize training images to this size (default: none)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="training size in pixels, a multiple of 64 (default: the images' own size, as the reference)")
+    p.add_argument("--resize", choices=["none", "center-crop", "stretch"], default=None,
+                   help="images not at --resolution: center-crop (default; shorter side scaled, as diffusers), "
+                        "stretch (both sides scaled) or none (refused before training)")
     p.add_argument("--batch-size", type=int, default=4, help="batch size per process (default: %(default)s)")
     p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-5, help="AdamW learning rate")
     p.add_argument("--sd-locked", action=argparse.BooleanOptionalAction, default=True,
@@ -70,6 +74,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--empty-prompt-prob must be between 0 and 1, got {args.empty_prompt_prob}")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be at least 0, got {args.num_workers}")
+    from cldm.data import SIZE_MULTIPLE, check_resolution
+
+    check_resolution(args.resolution, SIZE_MULTIPLE, "--resolution")
+    if args.resize not in (None, "none") and args.resolution is None:
+        raise ValueError(f"--resize {args.resize} needs --resolution (the size to resize to)")
     if args.resume is None and not Path(args.init_ckpt).is_file():
         raise ValueError(f"{args.init_ckpt}: initial checkpoint not found (make it with tool_add_control.py)")
     if args.webdataset is None and not (Path(args.data) / "prompt.json").is_file():
@@ -88,13 +97,18 @@ def resume_path(args: argparse.Namespace, ckpt_dir: Path) -> str | None:
 
 def build_model(args: argparse.Namespace) -> Any:
     """The ControlLDM with the initial weights and the reference's training attributes set."""
-    from cldm.checkpoint import load_state_dict
+    from cldm.checkpoint import CONTROL_PREFIX, CheckpointError, check_state_dict, load_state_dict
     from cldm.model import create_model
     from ldm.modules.diffusionmodules.util import set_activation_checkpointing
 
     model = create_model(args.config).cpu()
     if args.resume is None:  # a resumed run takes every weight from its checkpoint
-        model.load_state_dict(load_state_dict(args.init_ckpt, location="cpu"), strict=True)
+        state_dict = load_state_dict(args.init_ckpt, location="cpu")
+        if not any(key.startswith(CONTROL_PREFIX) for key in state_dict):
+            raise CheckpointError(f"{args.init_ckpt}: no ControlNet weights ({CONTROL_PREFIX}*): make the initial "
+                                  "checkpoint from an SD one with tool_add_control.py")
+        check_state_dict(model, state_dict, f"{args.init_ckpt} (--init-ckpt) with {args.config}")
+        model.load_state_dict(state_dict, strict=False)  # only OPTIONAL_KEYS may be absent after the check
     model.learning_rate = args.lr
     model.sd_locked = args.sd_locked
     model.only_mid_control = args.only_mid_control
@@ -108,12 +122,25 @@ def build_model(args: argparse.Namespace) -> Any:
 def build_dataloader(args: argparse.Namespace) -> Any:
     from torch.utils.data import DataLoader
 
-    from cldm.data import Fill50kDataset, WebDatasetShards
+    from cldm.data import SIZE_MULTIPLE, Fill50kDataset, ImageSizeError, WebDatasetShards, shown_size
 
+    resize = args.resize or "center-crop"
     if args.webdataset is not None:
-        dataset = WebDatasetShards(args.webdataset, resolution=args.resolution, seed=args.seed)
+        dataset = WebDatasetShards(args.webdataset, resolution=args.resolution, seed=args.seed, resize=resize)
+    else:
+        dataset = Fill50kDataset(args.data, resolution=args.resolution, resize=resize)
+    try:  # every file's header (shards: each one's first sample) before the model is built
+        size = dataset.check(args.batch_size, SIZE_MULTIPLE)
+    except ImageSizeError as err:
+        if args.resolution is None:
+            raise ImageSizeError(f"{err} (--resolution N resizes every image to NxN)") from None
+        if resize == "none":
+            raise ImageSizeError(f"{err} (--resize center-crop or stretch resizes it)") from None
+        raise
+    what = f"{len(dataset)} pairs" if args.webdataset is None else f"{len(dataset.shards)} shards (first samples)"
+    print(f"training data: {what} checked, {shown_size(size) if size else 'sizes vary'}")
+    if args.webdataset is not None:
         return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
-    dataset = Fill50kDataset(args.data, resolution=args.resolution)
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
 
 
@@ -164,8 +191,8 @@ def prepare_training(args: argparse.Namespace, callbacks: list | None = None) ->
     # the frozen VAE and text encoder stay in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     pl.seed_everything(args.seed, workers=True, verbose=False)
+    dataloader = build_dataloader(args)  # the data check is faster than loading the model
     model = build_model(args)
-    dataloader = build_dataloader(args)
     return build_trainer(args, ckpt_dir, callbacks), model, dataloader, ckpt_path
 
 

@@ -174,7 +174,7 @@ def _read_checkpoint(path: Path, location: str) -> Mapping[str, Any]:
     return _read_pickled(path, location)
 
 
-def _shorten(keys: list[str], n: int = 3) -> str:
+def _shorten(keys: list[str], n: int = 2) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
@@ -244,7 +244,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], n
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys ({_shorten(unexpected)})")
     if wrong:
-        problems.append(f"{len(wrong)} tensors with the wrong shape ({_shorten(wrong, 2)})")
+        problems.append(f"{len(wrong)} tensors with the wrong shape ({_shorten(wrong)})")
     if problems:
         raise CheckpointError(f"{name}: does not match the model config: " + "; ".join(problems))
 

@@ -243,6 +243,29 @@ def test_activation_checkpointing_gives_the_same_gradients(fresh_tiny_model: tor
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_images_of_other_sizes_train_at_the_resolution(ini_ckpt: Path, tmp_path: Path) -> None:
+    """80x48, 72x72 and 64x128 pairs (a traceback minutes into the run before) train at --resolution 64."""
+    root = tmp_path / "data"
+    make_fill50k(root, n=4, resolution=128, seed=0)
+    for i, size in enumerate([(80, 48), (72, 72), (64, 128), (128, 128)]):
+        for folder in ("source", "target"):
+            with Image.open(root / folder / f"{i}.png") as image:
+                image.resize(size).save(root / folder / f"{i}.png")
+
+    class Shapes(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, ...]] = []
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict,
+                                 *args: object) -> None:  # fmt: skip
+            self.seen.append((*batch["jpg"].shape, *batch["hint"].shape))
+
+    shapes = Shapes()
+    args = train_args(ini_ckpt, root, tmp_path / "logs", "--max-steps", "2", "--resolution", "64")
+    assert tutorial_train.main(args, callbacks=[shapes]) == 0
+    assert shapes.seen == [(2, 64, 64, 3, 2, 64, 64, 3)] * 2
+
+
 @pytest.mark.slow
 def test_resume_restores_the_run_exactly(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
     whole, first, second = Snapshot(), Snapshot(), Snapshot()

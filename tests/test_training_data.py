@@ -1,18 +1,25 @@
-"""fill50k generator, Fill50kDataset, WebDataset shards (write, read, split across ranks/workers)."""
+"""fill50k generator, Fill50kDataset, WebDataset shards (write, read, split across ranks/workers); sizes and
+checks of training data and of the initial checkpoint before training."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cldm.data as data
+import tutorial_train
+from cldm.checkpoint import save_checkpoint
 from cldm.data import Fill50kDataset, WebDatasetShards, expand_braces, write_webdataset
+from cldm.model import create_model
+from tests.conftest import TINY_CONFIG
 from tools.make_fill50k import COLORS, MIN_COLOR_DISTANCE, main, make_fill50k, make_sample, sample_rng
 
 RES = 64
@@ -305,3 +312,302 @@ def test_incomplete_sample_is_skipped_with_warning(shards: list[Path], tmp_path:
         items = list(WebDatasetShards(str(broken)))
     assert len(items) == PER_SHARD - 1
     assert [item["txt"] for item in items] == [members[f"00000{i}.txt"].decode() for i in (0, 2, 3)]
+
+
+# ---------------------------------------------------------------------------------------------------- sizes, checks
+
+
+def flat(width: int, height: int, rgb: tuple[int, int, int] = (200, 30, 90)) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, np.uint8), (height, width, 3)).copy()
+
+
+def write_folder(root: Path, pairs: list[tuple[np.ndarray | bytes, np.ndarray | bytes]]) -> Path:
+    """A fill50k-style folder of (source, target) pairs: arrays saved as PNG, bytes written as they are."""
+    for folder in ("source", "target"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, images in enumerate(pairs):
+        for folder, image in zip(("source", "target"), images):
+            path = root / folder / f"{i}.png"
+            if isinstance(image, bytes):
+                path.write_bytes(image)
+            else:
+                Image.fromarray(image).save(path)
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": f"p{i}"}))
+    (root / "prompt.json").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def train_cli(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str], *extra: str,
+              init_ckpt: Path | None = None) -> tuple[int, str, str]:
+    """Exit code, stderr and stdout of tutorial_train.main on ``data``; the default initial checkpoint is a dummy
+    file, so a run whose data passes its checks stops at the checkpoint."""
+    if init_ckpt is None:
+        init_ckpt = tmp_path / "dummy.ckpt"
+        init_ckpt.write_bytes(b"not a checkpoint")
+    argv = ["--config", str(TINY_CONFIG), "--init-ckpt", str(init_ckpt), "--data", str(data),
+            "--log-dir", str(tmp_path / "logs"), "--batch-size", "2", *extra]  # fmt: skip
+    code = tutorial_train.main(argv)
+    out, err = capsys.readouterr()
+    return code, err.strip(), out.strip()
+
+
+def one_line_error(code: int, err: str, out: str = "") -> str:
+    assert code == 1
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("value", ["72", "0", "-64", "32", "100", "513"])
+def test_resolution_must_be_a_multiple_of_64(tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(64, 64), flat(64, 64))] * 2)
+    err = one_line_error(*train_cli(tmp_path, folder, capsys, "--resolution", value))
+    assert f"--resolution must be a multiple of 64 (64, 128, ...), got {value}" in err
+    assert not (tmp_path / "logs").exists()  # refused before anything was made
+
+
+def test_resize_needs_a_resolution(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(64, 64), flat(64, 64))] * 2)
+    err = one_line_error(*train_cli(tmp_path, folder, capsys, "--resize", "stretch"))
+    assert "--resize stretch needs --resolution" in err
+
+
+@pytest.mark.parametrize(
+    "sizes,extra,file,message",
+    [
+        ([((80, 48), (80, 48))] * 2, [], "target/0.png", "80x48: sides must be multiples of 64"),
+        ([((72, 72), (72, 72))] * 2, [], "target/0.png", "72x72: sides must be multiples of 64"),
+        ([((64, 64), (64, 64)), ((64, 128), (64, 128))], [], "target/1.png",
+         "64x128, but .*target/0.png is 64x64: images batched together must have one size"),
+        ([((64, 64), (64, 64)), ((64, 64), (128, 128))], [], "source/1.png",
+         "64x64, but its target .*target/1.png is 128x128: a pair must have one size"),
+        ([((128, 128), (128, 128))] * 2, ["--resolution", "64", "--resize", "none"], "target/0.png",
+         "128x128, not the training size 64x64"),
+        ([((64, 64), (64, 64)), ((128, 64), (64, 128))], ["--resolution", "64"], "source/1.png",
+         "128x64, but its target .*target/1.png is 64x128: other proportions would not line up"),
+    ],
+    ids=["80x48", "72x72", "mixed-sizes", "pair-differs", "not-the-resolution", "pair-aspect"],
+)
+def test_unusable_sizes_are_one_line_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     sizes: list, extra: list[str], file: str, message: str) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(*source), flat(*target)) for source, target in sizes])
+    err = one_line_error(*train_cli(tmp_path, folder, capsys, *extra))
+    assert re.search(rf"error: {re.escape(str(folder / file))}: {message}", err), err
+    assert "--resolution" in err or "--resize" in err or "proportions" in err  # says how to train on it
+
+
+@pytest.mark.parametrize(
+    "sizes,extra",
+    [
+        ([((80, 48), (80, 48)), ((72, 72), (72, 72)), ((64, 128), (64, 128))], ["--resolution", "64"]),
+        ([((80, 48), (40, 24)), ((30, 50), (60, 100))], ["--resolution", "64", "--resize", "stretch"]),
+        ([((64, 64), (64, 64)), ((64, 128), (64, 128))], ["--batch-size", "1"]),
+    ],
+    ids=["center-crop", "stretch-same-proportions", "mixed-sizes-batch-1"],
+)
+def test_usable_sizes_pass_the_data_check(tmp_path: Path, capsys: pytest.CaptureFixture[str], sizes: list,
+                                          extra: list[str]) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(*source), flat(*target)) for source, target in sizes])
+    code, err, out = train_cli(tmp_path, folder, capsys, *extra)
+    assert "dummy.ckpt" in one_line_error(code, err)  # the data passed; the (dummy) checkpoint stopped the run
+    size = "sizes vary" if "--batch-size" in extra else "64x64"
+    assert out == f"training data: {len(sizes)} pairs checked, {size}"
+
+
+def test_center_crop_and_stretch_pixels() -> None:
+    bands = np.zeros((64, 128, 3), np.uint8)  # 128 wide, 64 high: red | green (middle half) | blue
+    bands[:, :32], bands[:, 32:96], bands[:, 96:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    cropped = data.fit_image(bands, 64, "center-crop")
+    assert cropped.shape == (64, 64, 3) and (cropped == (0, 255, 0)).all()
+    stretched = data.fit_image(bands, 64, "stretch")
+    assert stretched.shape == (64, 64, 3)
+    assert (stretched[:, :16] == (255, 0, 0)).all() and (stretched[:, 16:48] == (0, 255, 0)).all()
+    assert (stretched[:, 48:] == (0, 0, 255)).all()
+    assert data.fit_image(bands, 64, "none") is bands and data.fit_image(bands, None, "stretch") is bands
+    tall = np.zeros((80, 48, 3), np.uint8)  # enlarged: 48 -> 64 wide, 80 -> 107 high, centre rows kept
+    tall[:, :, 0] = np.arange(80, dtype=np.uint8)[:, None]
+    up = data.fit_image(tall, 64, "center-crop")
+    assert up.shape == (64, 64, 3)
+    for row in (0, 32, 63):  # output row -> row 21 + row of the 107-high scaled image -> source row
+        assert abs(int(up[row, 7, 0]) - ((row + 21 + 0.5) * 80 / 107 - 0.5)) <= 1
+
+
+def test_items_have_the_training_size_and_collate(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path, [(flat(80, 48), flat(80, 48)), (flat(72, 72), flat(72, 72)),
+                                     (flat(64, 128), flat(64, 128)), (flat(32, 32), flat(64, 64))])  # fmt: skip
+    dataset = Fill50kDataset(folder, resolution=64)
+    assert dataset.check(batch_size=4, multiple=64) == (64, 64)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    assert batch["jpg"].shape == (4, 64, 64, 3) and batch["hint"].shape == (4, 64, 64, 3)
+    np.testing.assert_allclose(batch["jpg"][:, 10, 10], np.tile([200 / 127.5 - 1, 30 / 127.5 - 1, 90 / 127.5 - 1],
+                                                                (4, 1)), atol=1e-6)  # fmt: skip
+    as_is = Fill50kDataset(folder)
+    with pytest.raises(data.ImageSizeError, match=r"source/3\.png: 32x32, but its target .* is 64x64"):
+        as_is[3]  # used without a check, a pair that does not fit is still one error naming the file
+    assert as_is[2]["jpg"].shape == (128, 64, 3)
+
+
+def test_header_size_applies_exif_orientation(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[data.EXIF_ORIENTATION] = 6  # a phone portrait: stored 128 wide, shown 64 wide
+    for ext in ("jpg", "png", "webp"):
+        path = tmp_path / f"portrait.{ext}"
+        Image.fromarray(flat(128, 64)).save(path, exif=exif)
+        assert data.header_size(path, str(path)) == (64, 128) == data.decoded_size(data.read_rgb(path))
+    plain = tmp_path / "plain.png"
+    Image.fromarray(flat(128, 64)).save(plain)
+    assert data.header_size(plain, "x") == (128, 64)
+
+
+def png_bytes(image: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (None, "image not found"),
+        (b"", "unreadable image"),
+        (b"<html>404 Not Found</html>", "unreadable image"),
+        (png_bytes(flat(64, 64))[:-40], "unreadable image"),  # a truncated download
+        (png_bytes(flat(64, 64), "TGA"), "unreadable image \\(a format OpenCV cannot decode\\)"),
+    ],
+    ids=["missing", "empty", "html", "truncated-png", "tga"],
+)
+def test_bad_files_are_found_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: bytes | None,
+                                             message: str) -> None:
+    good = flat(64, 64)
+    pairs = [(good, good)] * 6
+    pairs[3] = (good, good if bad is None else bad)
+    folder = write_folder(tmp_path / "data", pairs)
+    bad_path = folder / "target" / "3.png"
+    if bad is None:
+        bad_path.unlink()
+    err = one_line_error(*train_cli(tmp_path, folder, capsys))
+    assert re.search(rf"error: {re.escape(str(bad_path))}: {message}", err), err
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        Fill50kDataset(folder).check()
+
+
+@pytest.mark.parametrize("field", ["source", "target"])
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "source/../../x.png", "..\\..\\x.png",
+                                  "C:/Windows/win.ini", ""])  # fmt: skip
+def test_paths_must_stay_inside_the_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str,
+                                                path: str) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(64, 64), flat(64, 64))] * 2)
+    lines = (folder / "prompt.json").read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry[field] = path
+    (folder / "prompt.json").write_text("\n".join([lines[0], "", json.dumps(entry)]) + "\n")
+    err = one_line_error(*train_cli(tmp_path, folder, capsys))
+    assert f"prompt.json:3: {field} {path!r} is outside the data folder" in err
+    with pytest.raises(ValueError, match="outside the data folder"):
+        Fill50kDataset(folder)
+    with pytest.raises(ValueError, match="outside the data folder"):
+        write_webdataset(folder, str(tmp_path / "s-%d.tar"))
+
+
+def test_symlinked_images_inside_the_folder_are_read(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(64, 64), flat(64, 64))])
+    elsewhere = tmp_path / "elsewhere.png"
+    Image.fromarray(flat(64, 64, (1, 2, 3))).save(elsewhere)
+    (folder / "target" / "0.png").unlink()
+    (folder / "target" / "0.png").symlink_to(elsewhere)
+    dataset = Fill50kDataset(folder)
+    assert dataset.check() == (64, 64)
+    np.testing.assert_allclose((dataset[0]["jpg"][0, 0] + 1) * 127.5, [1, 2, 3], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- --init-ckpt
+
+
+@pytest.fixture(scope="module")
+def tiny_state() -> dict[str, torch.Tensor]:
+    return create_model(TINY_CONFIG).state_dict()
+
+
+@pytest.mark.parametrize("fault", ["missing-and-unexpected", "wrong-shape", "sd-without-control"])
+def test_init_ckpt_mismatch_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], fill50k: Path,
+                                        tiny_state: dict[str, torch.Tensor], fault: str) -> None:
+    state = dict(tiny_state)
+    control = sorted(k for k in state if k.startswith("control_model."))
+    if fault == "missing-and-unexpected":
+        for key in control[:5]:
+            del state[key]
+        state.update({f"extra.layer{i}.weight": torch.zeros(1) for i in range(3)})
+        expected = (r"5 missing keys \(control_model\.[\w.]+, control_model\.[\w.]+, \.\.\. \(3 more\)\); "
+                    r"3 unexpected keys \(extra\.layer0\.weight, extra\.layer1\.weight, \.\.\. \(1 more\)\)$")
+    elif fault == "wrong-shape":
+        state[control[0]] = torch.zeros(3, 1)
+        expected = rf"1 tensors with the wrong shape \({re.escape(control[0])} \(3, 1\) vs \([\d, ]+\)\)$"
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith("control_model.")}
+        expected = r"no ControlNet weights \(control_model\.\*\): make the initial checkpoint .* tool_add_control\.py$"
+    ckpt = tmp_path / "init.ckpt"
+    save_checkpoint(state, ckpt)
+    err = one_line_error(*train_cli(tmp_path, fill50k, capsys, init_ckpt=ckpt))
+    assert err.startswith(f"error: {ckpt}") and re.search(expected, err), err
+    assert len(err) < 400
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+
+
+def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]], tail: bytes = b"") -> Path:
+    """A tar shard of (key, target bytes, source bytes) samples with prompt 'p'; ``tail`` is appended raw."""
+    with tarfile.open(path, "w") as tar:
+        for key, target, source in samples:
+            add_member(tar, f"{key}.jpg", target)
+            add_member(tar, f"{key}.txt", b"p")
+            add_member(tar, f"{key}.png", source)
+    if tail:
+        path.write_bytes(path.read_bytes().rstrip(b"\0") + tail)
+    return path
+
+
+def test_shard_check_reads_the_first_sample_of_every_shard(tmp_path: Path) -> None:
+    ok = png_bytes(flat(64, 64))
+    first = write_shard(tmp_path / "a.tar", [("0", ok, ok), ("1", ok, ok)])
+    odd = write_shard(tmp_path / "b.tar", [("2", png_bytes(flat(80, 48)), png_bytes(flat(80, 48)))])
+    assert WebDatasetShards(str(first)).check(batch_size=2, multiple=64) == (64, 64)
+    with pytest.raises(data.ImageSizeError, match=rf"^{re.escape(str(odd))}:2\.jpg: 80x48: sides must be multiples"):
+        WebDatasetShards([str(first), str(odd)]).check(batch_size=2, multiple=64)
+    assert WebDatasetShards([str(first), str(odd)], resolution=64).check(batch_size=2, multiple=64) == (64, 64)
+    not_tar = tmp_path / "c.tar"
+    not_tar.write_bytes(b"x" * 1000)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(not_tar))}: unreadable tar shard"):
+        WebDatasetShards([str(first), str(not_tar)]).check()
+    no_png = tmp_path / "d.tar"
+    with tarfile.open(no_png, "w") as tar:
+        add_member(tar, "0.jpg", ok)
+    with pytest.raises(ValueError, match=r"d\.tar: no complete sample"):
+        WebDatasetShards(str(no_png)).check()
+
+
+def test_shard_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shard = write_shard(tmp_path / "a.tar", [("0", png_bytes(flat(72, 72)), png_bytes(flat(72, 72)))])
+    err = one_line_error(*train_cli(tmp_path, tmp_path, capsys, "--webdataset", str(shard)))
+    assert f"{shard}:0.jpg: 72x72: sides must be multiples of 64" in err and "--resolution" in err
+    code, err, out = train_cli(tmp_path, tmp_path, capsys, "--webdataset", str(shard), "--resolution", "64")
+    assert "dummy.ckpt" in one_line_error(code, err)  # the shard passed with resizing
+    assert out == "training data: 1 shards (first samples) checked, 64x64"
+
+
+def test_bad_shard_samples_are_skipped_and_counted(tmp_path: Path) -> None:
+    ok, big = png_bytes(flat(64, 64)), png_bytes(flat(128, 128))
+    samples = [("0", ok, ok), ("1", b"garbage", ok), ("2", big, big), ("3", ok, big), ("4", ok, ok)]
+    shard = write_shard(tmp_path / "a.tar", samples, tail=b"\x01" * 700)  # damaged tar data at the end
+    shards = WebDatasetShards(str(shard))
+    assert shards.check(batch_size=2, multiple=64) == (64, 64)
+    with pytest.warns(UserWarning) as caught:
+        items = list(shards)
+    assert [item["jpg"].shape for item in items] == [(64, 64, 3)] * 2
+    messages = [str(w.message) for w in caught]
+    assert [m.split("skipping ")[1].split(":")[0].split(" (")[0] for m in messages[:3]] == [
+        "sample '1'", "sample '2'", "sample '3'"]  # fmt: skip
+    assert "unreadable image" in messages[0] and "not the first shard's 64x64" in messages[1]
+    assert "a pair must have one size" in messages[2]
+    assert messages[-1].endswith(f"({len(messages)} skipped by this reader so far)")
+    assert len(messages) in (3, 4)  # the damaged tail, when tarfile notices it, is one more skip
