@@ -119,8 +119,8 @@ class CannyParams:
         advice = (f"use --image-resolution {fits[-1]} or less, or crop the image" if fits
                   else "crop the image: even --image-resolution 64 is over the bound")  # fmt: skip
         raise ValueError(
-            f"{image_name}: a {width}x{height} image at image_resolution (--image-resolution) {self.image_resolution} "
-            f"gives a {out_w}x{out_h} output ({out_w * out_h} pixels), over the limit of {MAX_OUTPUT_PIXELS} "
+            f"{image_name}: {width}x{height} at image_resolution (--image-resolution) {self.image_resolution} "
+            f"gives {out_w}x{out_h} = {out_w * out_h} pixels, over the limit of {MAX_OUTPUT_PIXELS} "
             f"({MAX_OUTPUT_SIDE}x{MAX_OUTPUT_SIDE}); {advice}"
         )
 

@@ -92,8 +92,8 @@ def test_oversized_request_is_refused_before_it_is_queued(open_page, tmp_path: P
     assert [v["parameter_name"] for v in verdicts] == list(INPUTS)
     assert [v["is_valid"] for v in verdicts] == [False] + [True] * (len(INPUTS) - 1)
     assert verdicts[0]["message"] == (
-        "wide.png: a 1024x64 image at image_resolution (--image-resolution) 576 gives a 9216x576 output (5308416 "
-        "pixels), over the limit of 4194304 (2048x2048); use --image-resolution 512 or less, or crop the image"
+        "wide.png: 1024x64 at image_resolution (--image-resolution) 576 gives 9216x576 = 5308416 "
+        "pixels, over the limit of 4194304 (2048x2048); use --image-resolution 512 or less, or crop the image"
     )
     accepted = join(client, path, "wide.png", image_resolution=512)
     assert accepted.status_code == 200 and accepted.json()["event_id"], accepted.text
@@ -196,7 +196,7 @@ def test_exposed_page_without_login_is_warned(
         ({"image_resolution": 4096}, "image_resolution", "image_resolution (--image-resolution) must be between"),
         ({"low_threshold": 250}, "low_threshold", "low_threshold (250) must not exceed high_threshold (200)"),
         ({"num_samples": 13}, "num_samples", "num_samples (--num-samples) must be between 1 and 12, got 13"),
-        ({"image_resolution": 2048, "wide": True}, "input_image", "wide.png: a 3000x4 image"),
+        ({"image_resolution": 2048, "wide": True}, "input_image", "wide.png: 3000x4 at image_resolution"),
         ({"broken": True}, "input_image", "broken.png: cannot read image"),
     ],
 )

@@ -55,8 +55,8 @@ def test_outputs_over_the_bound_are_refused(height: int, width: int, resolution:
     with pytest.raises(ValueError) as caught:
         params.output_size(height, width, image_name="wide.png")
     message = str(caught.value)
-    assert message.startswith(f"wide.png: a {width}x{height} image at image_resolution (--image-resolution) "
-                              f"{resolution} gives a {output} output")  # fmt: skip
+    assert message.startswith(f"wide.png: {width}x{height} at image_resolution (--image-resolution) "
+                              f"{resolution} gives {output} = ")  # fmt: skip
     assert "over the limit of 4194304 (2048x2048)" in message and advice in message
     assert not isinstance(caught.value, ParamError)  # the image's fault, not a parameter's alone
     if advice.startswith("use"):  # the suggestion fits, and the next multiple of 64 does not
@@ -94,7 +94,7 @@ def test_python_api_refuses_before_encoding(tiny_model: torch.nn.Module, monkeyp
     monkeypatch.setattr(tiny_model, "get_learned_conditioning", encode)
     wide = np.zeros((4, 3000, 3), np.uint8)  # at 512: a 384000 x 512 output
     params = CannyParams(image_resolution=512, ddim_steps=1, seed=1)
-    with pytest.raises(ValueError, match=r"the input image: a 3000x4 image .* over the limit"):
+    with pytest.raises(ValueError, match=r"the input image: 3000x4 at .* over the limit"):
         pipe(wide, params, progress=False)
     with pytest.raises(ValueError, match="over the limit"):
         pipe.edges(wide, params)
@@ -114,9 +114,9 @@ def test_cli_refuses_before_loading(
     out, err = capsys.readouterr()
     assert code == 1 and out == ""
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: {wide}: a 3000x4 image at image_resolution (--image-resolution) 512 gives a "
-                      "384000x512 output (196608000 pixels), over the limit of 4194304 (2048x2048); use "
-                      "--image-resolution 64 or less, or crop the image"]  # fmt: skip
+    assert errors == [f"error: {wide}: 3000x4 at image_resolution (--image-resolution) 512 gives 384000x512 = "
+                      "196608000 pixels, over the limit of 4194304 (2048x2048); use --image-resolution 64 or less, "
+                      "or crop the image"]  # fmt: skip
     assert "Traceback" not in err
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
