@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"demo: {input_path} -> prompt {params.prompt!r} at {params.image_resolution} px", file=sys.stderr)
         params.validate()
         image = read_image(input_path)
+        params.output_size(*image.shape[:2], image_name=str(input_path))  # the size bound, before loading the model
         device = resolve_device(args.device)
         set_threads(args.threads)
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)

@@ -1,13 +1,15 @@
 """The reference canny demo page (Gradio) on the CPU-first core.
 
     python gradio_canny2image.py                      # serves http://127.0.0.1:7860
-    python gradio_canny2image.py --port 8080 --listen # reachable from other machines
+    python gradio_canny2image.py --port 8080 --listen --auth-file page.auth  # other machines, with a login
 
 Same controls and output as the reference page: the detected edge map first, then the samples.
 It loads the model and samples exactly as ``cpu_canny2image.py`` does (``cldm.pipeline``); without
 models/control_sd15_canny.pth it serves the tiny trained circle demo (with its circle image and prompt)
 and says so on the page.
-Requests are queued and run one at a time.
+Requests are checked before they are queued (inputs in range, the image readable and within the output size
+bound, from its header), then run one at a time. Beyond loopback: ``--auth`` / ``--auth-file`` (Gradio's login)
+and ``--max-upload-mb`` (Gradio's upload limit).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
     from cldm.pipeline import Canny2Image, CannyParams
 
 TITLE = "Control Stable Diffusion with Canny Edge Maps"
+NO_IMAGE = "No input image: upload an image first."
+# The page's inputs, in the reference's order (the parameters of ``process``).
+INPUTS = ("input_image", "prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps",
+          "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 instead of 127.0.0.1")
     p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (needs internet)")
+    p.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASSWORD[,USER:PASSWORD...]",
+        help="require a login (Gradio's); prefer --auth-file, which keeps the password out of shell history",
+    )
+    p.add_argument(
+        "--auth-file",
+        default=None,
+        metavar="FILE",
+        help="require a login: FILE holds one USER:PASSWORD a line (blank lines and # comments skipped)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=20,
+        help="largest upload accepted, in MB (2^20 bytes; default: %(default)s)",
+    )
     p.add_argument("--ckpt", default=None, help="checkpoint (default: models/control_sd15_canny.pth)")
     p.add_argument("--config", default=None, help="model config (default: models/cldm_v15.yaml)")
     p.add_argument("--demo", action="store_true", help="serve the tiny trained circle demo (models/cldm_tiny.yaml)")
@@ -44,13 +68,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., list]:
-    """The page's ``process`` (same inputs, in the same order, as the reference's), bound to ``pipe``;
-    ``uncond_hint``: whether the unconditional pass gets the hint too (the reference: yes; the tiny demo: no)."""
+def checked_request(
+    uncond_hint: bool, input_image: str | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
+    image_resolution: float, ddim_steps: float, guess_mode: bool, strength: float, scale: float, seed: float,
+    eta: float, low_threshold: float, high_threshold: float,
+) -> tuple[str, CannyParams]:  # fmt: skip
+    """The page's inputs (the reference's order) as ``(image path, CannyParams)``, checked without decoding the
+    image: parameters in range, the image present and readable, its output within the size bound (from the
+    file's header: :func:`cldm.pipeline.image_size`). ``ValueError`` with the message the page shows."""
+    from cldm.pipeline import CannyParams, image_size
+
+    if input_image is None:
+        raise ValueError(NO_IMAGE)
+    params = CannyParams(
+        prompt=prompt or "", a_prompt=a_prompt or "", n_prompt=n_prompt or "", num_samples=int(num_samples),
+        image_resolution=int(image_resolution), ddim_steps=int(ddim_steps), guess_mode=bool(guess_mode),
+        uncond_hint=uncond_hint,
+        strength=float(strength), scale=float(scale), seed=int(seed), eta=float(eta or 0.0),
+        low_threshold=int(low_threshold), high_threshold=int(high_threshold),
+    )  # fmt: skip
+    params.validate()
+    params.output_size(*image_size(input_image), image_name=Path(input_image).name)
+    return input_image, params
+
+
+def make_validator(uncond_hint: bool = True) -> Callable[..., list[dict]]:
+    """Gradio's ``validator`` for the Run event: :func:`checked_request` on the page's inputs, run when a
+    request arrives, before it is queued (so a bad or oversized request never waits for, nor blocks, the
+    single worker). Returns one ``gr.validate`` per input: the message on the parameter at fault, or on the
+    image for the image's own faults (missing, unreadable, over the size bound)."""
     import gradio as gr
 
-    from cldm.pipeline import CannyParams, read_image
-    from ldm.models.diffusion.sampling import NonFiniteError
+    from cldm.pipeline import ParamError
+
+    def validate(*inputs: object) -> list[dict]:
+        at, message = None, ""
+        try:
+            checked_request(uncond_hint, *inputs)  # type: ignore[arg-type]
+        except ParamError as err:
+            at, message = INPUTS.index(err.name), str(err)
+        except ValueError as err:
+            at, message = 0, str(err)
+        return [gr.validate(i != at, message if i == at else "") for i in range(len(inputs))]
+
+    return validate
+
+
+def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., list]:
+    """The page's ``process`` (same inputs, in the same order, as the reference's), bound to ``pipe``;
+    ``uncond_hint``: whether the unconditional pass gets the hint too (the reference: yes; the tiny demo: no).
+    It checks the request again (:func:`checked_request`), for calls that skip the validator."""
+    import gradio as gr
+
+    from cldm.pipeline import read_image
 
     def process(
         input_image: str | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
@@ -59,18 +129,11 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to inject the page's progress bar
     ) -> list:  # fmt: skip
         """Returns ``[255 - edge map, sample_1, ...]`` as HWC uint8 arrays, or shows an error on the page."""
-        if input_image is None:
-            raise gr.Error("No input image: upload an image first.", print_exception=False)
-        params = CannyParams(
-            prompt=prompt or "", a_prompt=a_prompt or "", n_prompt=n_prompt or "", num_samples=int(num_samples),
-            image_resolution=int(image_resolution), ddim_steps=int(ddim_steps), guess_mode=bool(guess_mode),
-            uncond_hint=uncond_hint,
-            strength=float(strength), scale=float(scale), seed=int(seed), eta=float(eta or 0.0),
-            low_threshold=int(low_threshold), high_threshold=int(high_threshold),
-        )  # fmt: skip
         try:
-            params.validate()
-            image = read_image(input_image, notify=gr.Info)  # an animation: the page says the first frame is used
+            path, params = checked_request(uncond_hint, input_image, prompt, a_prompt, n_prompt, num_samples,
+                                           image_resolution, ddim_steps, guess_mode, strength, scale, seed, eta,
+                                           low_threshold, high_threshold)  # fmt: skip
+            image = read_image(path, notify=gr.Info)  # an animation: the page says the first frame is used
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
         steps = pipe.sampling_steps(params.ddim_steps)
@@ -81,7 +144,7 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
 
         try:
             results, _ = pipe(image, params, callback=on_step, notify=gr.Warning)
-        except NonFiniteError as err:
+        except ValueError as err:  # NonFiniteError; or the size bound on the decoded image
             raise gr.Error(str(err), print_exception=False) from None
         return results
 
@@ -104,8 +167,10 @@ def build_page(
             gr.Markdown(notice, elem_id="notice")
         with gr.Row():
             with gr.Column():
+                # image_mode=None: the upload reaches read_image as the user's file (Gradio's default "RGB" would
+                # decode and convert it first: 16-bit images clipped, huge ones decoded before any check)
                 input_image = gr.Image(value=str(image) if image else None, sources=["upload"], type="filepath",
-                                       label="Input image")  # fmt: skip
+                                       image_mode=None, label="Input image")  # fmt: skip
                 prompt = gr.Textbox(label="Prompt", value=d.prompt)
                 run_button = gr.Button("Run", variant="primary")
                 with gr.Accordion("Advanced options", open=False):
@@ -130,17 +195,65 @@ def build_page(
                                      format="png")  # fmt: skip
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
                   strength, scale, seed, eta, low_threshold, high_threshold]  # fmt: skip
-        run_button.click(fn=make_process(pipe, d.uncond_hint), inputs=inputs, outputs=[gallery], concurrency_limit=1)
+        run_button.click(fn=make_process(pipe, d.uncond_hint), inputs=inputs, outputs=[gallery], concurrency_limit=1,
+                         validator=make_validator(d.uncond_hint))  # fmt: skip
     page.queue(default_concurrency_limit=1)
     return page
+
+
+def parse_auth(entries: list[str], source: str) -> list[tuple[str, str]]:
+    """``USER:PASSWORD`` entries (blank ones skipped) as ``(user, password)`` pairs; the password is everything
+    after the first colon. ``ValueError`` naming ``source`` (the flag or file) and the entry's number, never
+    the password."""
+    pairs = []
+    for number, entry in enumerate((e.strip() for e in entries if e.strip()), 1):
+        user, _, password = entry.partition(":")
+        if not user or not password:
+            raise ValueError(f"{source}: entry {number} is not USER:PASSWORD (both non-empty)")
+        pairs.append((user, password))
+    if not pairs:
+        raise ValueError(f"{source}: no USER:PASSWORD entry")
+    return pairs
+
+
+def launch_options(args: argparse.Namespace) -> dict:
+    """``Blocks.launch`` keywords from the flags: host, port, share link, login, upload limit. ``ValueError``
+    naming the flag or file at fault."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_upload_mb < 1:
+        raise ValueError(f"--max-upload-mb must be at least 1, got {args.max_upload_mb}")
+    if args.auth is not None and args.auth_file is not None:
+        raise ValueError("--auth and --auth-file cannot be combined: give one of them")
+    auth = None
+    if args.auth is not None:
+        auth = parse_auth(args.auth.split(","), "--auth")
+    elif args.auth_file is not None:
+        try:
+            text = Path(args.auth_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--auth-file {args.auth_file}: cannot read it ({getattr(err, 'strerror', None) or err})"
+                             ) from None  # fmt: skip
+        lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        auth = parse_auth(lines, f"--auth-file {args.auth_file}")
+    return {
+        "server_name": "0.0.0.0" if args.listen else "127.0.0.1", "server_port": args.port, "share": args.share,
+        "auth": auth, "max_file_size": args.max_upload_mb * 2**20,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
-    if not 1 <= args.port <= 65535:
-        print(f"error: --port must be between 1 and 65535, got {args.port}", file=sys.stderr)
+    try:
+        options = launch_options(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
+    if (args.listen or args.share) and options["auth"] is None:
+        exposed = " and ".join(f for f, on in (("--listen", args.listen), ("--share", args.share)) if on)
+        print(f"warning: {exposed} without --auth or --auth-file: anyone who can reach the page can use it",
+              file=sys.stderr)  # fmt: skip
     try:
         import gradio as gr
     except ImportError:
@@ -175,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # fmt: skip  # no web fonts: works offline
     try:
-        page.launch(server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
-                    theme=theme, show_error=True)  # fmt: skip
+        page.launch(**options, theme=theme, show_error=True)
     except OSError as err:
         print(f"error: cannot serve on port {args.port}: {err}", file=sys.stderr)
         return 1

@@ -29,17 +29,26 @@ def HWC3(x: np.ndarray) -> np.ndarray:
     return y.clip(0, 255).astype(np.uint8)
 
 
-def resize_image(input_image: np.ndarray, resolution: int) -> np.ndarray:
-    """Scale so the short side is ``resolution``, then round H and W to multiples of 64.
-
-    Rounding is ``np.round`` (half to even), as in the reference. Enlarging uses
-    ``INTER_LANCZOS4``, shrinking or keeping the size uses ``INTER_AREA``.
-    """
-    height, width = float(input_image.shape[0]), float(input_image.shape[1])
+def resized_shape(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """``(H, W)`` that :func:`resize_image` gives an image of ``height x width`` pixels: scaled so the short
+    side is ``resolution``, then each side rounded to a multiple of 64 (``np.round``, half to even, as in the
+    reference). ``ValueError`` for an empty input or a result with a zero side."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"empty image ({height} x {width})")
     k = float(resolution) / min(height, width)
     new_h = int(np.round(height * k / 64.0)) * 64
     new_w = int(np.round(width * k / 64.0)) * 64
     if new_h <= 0 or new_w <= 0:
         raise ValueError(f"resolution {resolution} gives an empty {new_h} x {new_w} image")
-    interpolation = cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA
+    return new_h, new_w
+
+
+def resize_image(input_image: np.ndarray, resolution: int) -> np.ndarray:
+    """Scale to :func:`resized_shape` (short side ``resolution``, sides multiples of 64).
+
+    Enlarging uses ``INTER_LANCZOS4``, shrinking or keeping the size uses ``INTER_AREA``.
+    """
+    height, width = input_image.shape[:2]
+    new_h, new_w = resized_shape(height, width, resolution)
+    interpolation = cv2.INTER_LANCZOS4 if resolution > min(height, width) else cv2.INTER_AREA
     return cv2.resize(input_image, (new_w, new_h), interpolation=interpolation)

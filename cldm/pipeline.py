@@ -13,13 +13,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from annotator.canny import CannyDetector
-from annotator.util import HWC3, resize_image
+from annotator.util import HWC3, resize_image, resized_shape
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
 from cldm.inference import InferencePath, use_path
@@ -29,6 +30,19 @@ from ldm.models.diffusion.sampling import SAMPLERS, sampling_steps
 from ldm.util import seed_everything
 
 MAX_SEED = 2**31 - 1
+T = TypeVar("T")
+# The largest edge map / sample, in pixels: the square the largest --image-resolution gives (2048 x 2048). Sides
+# are multiples of 64, so no side exceeds MAX_OUTPUT_PIXELS / 64 = 65536 (docs/image-size.md).
+MAX_OUTPUT_SIDE = 2048
+MAX_OUTPUT_PIXELS = MAX_OUTPUT_SIDE * MAX_OUTPUT_SIDE
+
+
+class ParamError(ValueError):
+    """A :class:`CannyParams` value out of range; ``name`` is the field at fault."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass
@@ -55,7 +69,7 @@ class CannyParams:
 
     RANGES = {
         "num_samples": (1, 12),
-        "image_resolution": (64, 2048),
+        "image_resolution": (64, MAX_OUTPUT_SIDE),
         "ddim_steps": (1, 1000),
         "strength": (0.0, 2.0),
         "scale": (0.1, 30.0),
@@ -70,16 +84,45 @@ class CannyParams:
         reference would leave a trailing ", ", which the tiny demo's text encoder never saw in training)."""
         return f"{self.prompt}, {self.a_prompt}" if self.a_prompt else self.prompt
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first out-of-range parameter."""
+    def validate(self, image_size: tuple[int, int] | None = None, image_name: str = "the input image") -> None:
+        """Raise :class:`ParamError` (a ``ValueError``) naming the first out-of-range parameter; with
+        ``image_size`` (the input's ``(height, width)`` in pixels), ``ValueError`` also when the output would be
+        over the size bound (:meth:`output_size`), naming ``image_name``."""
         for name, (lo, hi) in self.RANGES.items():
             value = getattr(self, name)
             if not lo <= value <= hi:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be between {lo} and {hi}, got {value}")
+                flag = f"--{name.replace('_', '-')}"
+                raise ParamError(name, f"{name} ({flag}) must be between {lo} and {hi}, got {value}")
         if self.low_threshold > self.high_threshold:
-            raise ValueError(
-                f"low_threshold ({self.low_threshold}) must not exceed high_threshold ({self.high_threshold})"
+            raise ParamError(
+                "low_threshold",
+                f"low_threshold ({self.low_threshold}) must not exceed high_threshold ({self.high_threshold})",
             )
+        if image_size is not None:
+            self.output_size(*image_size, image_name=image_name)
+
+    def output_size(self, height: int, width: int, image_name: str = "the input image") -> tuple[int, int]:
+        """``(H, W)`` in pixels of the edge map and samples for an input of ``height x width``: the short side
+        scaled to ``image_resolution``, each side rounded to a multiple of 64 (the reference's ``resize_image``).
+
+        The size bound: ``H * W <= MAX_OUTPUT_PIXELS`` (2048 x 2048), whatever the aspect ratio. Beyond it,
+        ``ValueError`` naming ``image_name``, its size and the largest ``--image-resolution`` (a multiple of 64)
+        that fits, if any; also for an empty input."""
+        try:
+            out_h, out_w = resized_shape(height, width, self.image_resolution)
+        except ValueError as err:
+            raise ValueError(f"{image_name}: {err}") from None
+        if out_h * out_w <= MAX_OUTPUT_PIXELS:
+            return out_h, out_w
+        fits = [r for r in range(64, self.image_resolution, 64)
+                if np.prod(resized_shape(height, width, r)) <= MAX_OUTPUT_PIXELS]  # fmt: skip
+        advice = (f"use --image-resolution {fits[-1]} or less, or crop the image" if fits
+                  else "crop the image: even --image-resolution 64 is over the bound")  # fmt: skip
+        raise ValueError(
+            f"{image_name}: {width}x{height} at image_resolution (--image-resolution) {self.image_resolution} "
+            f"gives {out_w}x{out_h} = {out_w * out_h} pixels, over the limit of {MAX_OUTPUT_PIXELS} "
+            f"({MAX_OUTPUT_SIDE}x{MAX_OUTPUT_SIDE}); {advice}"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,6 +183,35 @@ def read_image(path: str | Path, notify: Callable[[str], None] | None = None) ->
     if it is missing, unreadable, of an unsupported mode, or over Pillow's decompression-bomb limit
     (``Image.MAX_IMAGE_PIXELS``, its warning included).
     """
+
+    def decode(img: Image.Image) -> tuple[np.ndarray, int]:
+        frames = getattr(img, "n_frames", 1)
+        img.seek(0)
+        return image_array(ImageOps.exif_transpose(img)), frames
+
+    pixels, frames = _with_image(path, decode)
+    if frames > 1:
+        (notify or _to_stderr)(f"{path}: {frames} frames, using the first")
+    return pixels
+
+
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` in pixels of the image :func:`read_image` would return, from the file's header alone
+    (nothing is decoded; EXIF orientation applied); ``ValueError`` as :func:`read_image`."""
+
+    def size(img: Image.Image) -> tuple[int, int]:
+        width, height = img.size
+        return (width, height) if img.getexif().get(ExifTags.Base.Orientation) in _ROTATED else (height, width)
+
+    return _with_image(path, size)
+
+
+def _with_image(path: str | Path, use: Callable[[Image.Image], T]) -> T:
+    """``use(image)`` on the file opened with Pillow; each failure (missing, unreadable, over Pillow's
+    decompression-bomb limit, or ``use``'s ``ValueError``) a ``ValueError`` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: input image not found")
@@ -147,10 +219,7 @@ def read_image(path: str | Path, notify: Callable[[str], None] | None = None) ->
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                frames = getattr(img, "n_frames", 1)
-                img.seek(0)
-                upright = ImageOps.exif_transpose(img)
-                pixels = image_array(upright)
+                return use(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ValueError(f"{path}: image too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels, "
                          "Pillow's decompression-bomb limit)") from err  # fmt: skip
@@ -158,9 +227,6 @@ def read_image(path: str | Path, notify: Callable[[str], None] | None = None) ->
         raise ValueError(f"{path}: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, EOFError, struct.error) as err:
         raise ValueError(f"{path}: cannot read image ({err.__class__.__name__})") from err
-    if frames > 1:
-        (notify or _to_stderr)(f"{path}: {frames} frames, using the first")
-    return pixels
 
 
 def _to_stderr(message: str) -> None:
@@ -209,7 +275,9 @@ class Canny2Image:
         return sampling_steps("ddim", ddim_steps, self.model.num_timesteps)
 
     def edges(self, input_image: np.ndarray, params: CannyParams) -> np.ndarray:
-        """Resized HWC uint8 Canny edge map (white edges on black), as fed to the ControlNet."""
+        """Resized HWC uint8 Canny edge map (white edges on black), as fed to the ControlNet, of
+        ``params.output_size`` (``ValueError`` over the size bound)."""
+        params.validate(input_image.shape[:2])
         img = resize_image(HWC3(input_image), params.image_resolution)
         return HWC3(self.apply_canny(img, params.low_threshold, params.high_threshold))
 
@@ -224,9 +292,10 @@ class Canny2Image:
     ) -> tuple[list[np.ndarray], int]:
         """Return ``([255 - edge map, sample_1, ...], seed)``: HWC uint8 images, as the reference demo.
 
+        ``ValueError`` for parameters out of range or an output over the size bound (:meth:`CannyParams.validate`).
         A prompt longer than the text encoder reads is cut as the reference does; ``notify`` (default: a line
         on stderr) is told so once per call."""
-        params.validate()
+        params.validate(input_image.shape[:2])
         self._check_prompt_length(params, notify or _to_stderr)
         detected_map = self.edges(input_image, params)
         height, width = detected_map.shape[:2]

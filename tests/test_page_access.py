@@ -1,0 +1,229 @@
+"""The page beyond loopback (issue 20 item 13): ``--auth`` / ``--auth-file`` (Gradio's login), the upload limit
+``--max-upload-mb``, and requests checked (size bound included) before they are queued; served in-process on a
+free loopback port and driven over HTTP."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+httpx = pytest.importorskip("httpx")
+
+import gradio_canny2image  # noqa: E402
+from cldm.pipeline import Canny2Image  # noqa: E402
+from gradio_canny2image import INPUTS, build_page, build_parser, launch_options, main, make_validator  # noqa: E402
+
+MB = 2**20
+
+
+def options(*argv: str) -> dict:
+    return launch_options(build_parser().parse_args(list(argv)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(path: Path, height: int, width: int) -> Path:
+    Image.fromarray(np.full((height, width), 128, np.uint8)).save(path)
+    return path
+
+
+class StubPipe:
+    """Stands in for :class:`Canny2Image`: records the images it is given, returns black images."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, ...]] = []
+
+    def sampling_steps(self, ddim_steps: int) -> int:
+        return ddim_steps
+
+    def __call__(self, image: np.ndarray, params: object, **kwargs: object) -> tuple[list[np.ndarray], int]:
+        self.calls.append(image.shape)
+        return [np.zeros((64, 64, 3), np.uint8)] * 2, 1
+
+
+def serve(*argv: str) -> Iterator[tuple[httpx.Client, StubPipe]]:
+    pipe = StubPipe()
+    page = build_page(pipe)  # type: ignore[arg-type]
+    page.launch(**options("--port", str(free_port()), *argv), prevent_thread_lock=True, quiet=True)
+    try:
+        with httpx.Client(base_url=page.local_url, timeout=30) as client:
+            yield client, pipe
+    finally:
+        page.close()
+
+
+@pytest.fixture()
+def open_page() -> Iterator[tuple[httpx.Client, StubPipe]]:
+    """The page without a login, with a 1 MB upload limit."""
+    yield from serve("--max-upload-mb", "1")
+
+
+def upload(client: httpx.Client, path: Path) -> httpx.Response:
+    return client.post("/gradio_api/upload", files={"files": (path.name, path.read_bytes())})
+
+
+def join(client: httpx.Client, image: str, name: str, image_resolution: int = 64) -> httpx.Response:
+    """Submit a Run request (the page's inputs, small values) to the queue, as the page's client does."""
+    deps = client.get("/config").json()["dependencies"]
+    (fn_index,) = [i for i, d in enumerate(deps) if d.get("api_name") == "process"]
+    data = [{"path": image, "orig_name": name, "meta": {"_type": "gradio.FileData"}}, "red circle", "", "", 1,
+            image_resolution, 1, False, 1.0, 9.0, 1, 0.0, 100, 200]  # fmt: skip
+    body = {"data": data, "fn_index": fn_index, "session_hash": "test", "event_data": None, "trigger_id": None}
+    return client.post("/gradio_api/queue/join", json=body)
+
+
+def test_oversized_request_is_refused_before_it_is_queued(open_page, tmp_path: Path) -> None:
+    client, pipe = open_page
+    wide = png(tmp_path / "wide.png", 64, 1024)  # 16:1: at 512 exactly the bound (512 x 8192), at 576 over it
+    (path,) = upload(client, wide).json()
+    refused = join(client, path, "wide.png", image_resolution=576)
+    assert refused.status_code == 422  # Gradio's validator answered: no event, nothing queued
+    verdicts = refused.json()["detail"]
+    assert [v["parameter_name"] for v in verdicts] == list(INPUTS)
+    assert [v["is_valid"] for v in verdicts] == [False] + [True] * (len(INPUTS) - 1)
+    assert verdicts[0]["message"] == (
+        "wide.png: 1024x64 at image_resolution (--image-resolution) 576 gives 9216x576 = 5308416 "
+        "pixels, over the limit of 4194304 (2048x2048); use --image-resolution 512 or less, or crop the image"
+    )
+    accepted = join(client, path, "wide.png", image_resolution=512)
+    assert accepted.status_code == 200 and accepted.json()["event_id"], accepted.text
+    assert pipe.calls in ([], [(64, 1024)])  # only the accepted request may have reached the worker
+
+
+@pytest.mark.parametrize("size,status", [(MB, 200), (MB + 1, 413)])
+def test_uploads_over_the_limit_are_refused(open_page, tmp_path: Path, size: int, status: int) -> None:
+    client, _ = open_page
+    blob = tmp_path / "blob.png"
+    blob.write_bytes(b"\0" * size)
+    response = upload(client, blob)
+    assert response.status_code == status
+    if status == 413:
+        assert f"maximum allowed size of {MB} bytes" in response.text
+
+
+def test_login_is_required_with_an_auth_file(tmp_path: Path) -> None:
+    auth = tmp_path / "page.auth"
+    auth.write_text("# who may use the page\nann:s3cret:with,colon\n\nbob:pw\n")
+    for client, _ in serve("--auth-file", str(auth)):
+        assert client.get("/config").status_code == 401
+        assert upload(client, png(tmp_path / "a.png", 8, 8)).status_code == 401
+        assert client.post("/login", data={"username": "ann", "password": "s3cret"}).status_code == 400
+        assert client.post("/login", data={"username": "ann", "password": "s3cret:with,colon"}).status_code == 200
+        assert client.get("/config").status_code == 200
+
+
+def test_launch_options_defaults() -> None:
+    assert options() == {"server_name": "127.0.0.1", "server_port": 7860, "share": False, "auth": None,
+                         "max_file_size": 20 * MB}  # fmt: skip
+    listen = options("--listen", "--auth", "ann:pw,bob:a:b", "--max-upload-mb", "5", "--port", "8080")
+    assert listen == {"server_name": "0.0.0.0", "server_port": 8080, "share": False,
+                      "auth": [("ann", "pw"), ("bob", "a:b")], "max_file_size": 5 * MB}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max-upload-mb", "0"], "error: --max-upload-mb must be at least 1, got 0"),
+        (["--auth", "ann"], "error: --auth: entry 1 is not USER:PASSWORD (both non-empty)"),
+        (["--auth", "ann:pw,:secret"], "error: --auth: entry 2 is not USER:PASSWORD (both non-empty)"),
+        (["--auth", "ann:"], "error: --auth: entry 1 is not USER:PASSWORD (both non-empty)"),
+        (["--auth", " , "], "error: --auth: no USER:PASSWORD entry"),
+        (["--auth", "a:b", "--auth-file", "x"], "error: --auth and --auth-file cannot be combined: give one of them"),
+        (["--auth-file", "{tmp}/missing.auth"], "error: --auth-file {tmp}/missing.auth: cannot read it"),
+        (["--auth-file", "{tmp}/empty.auth"], "error: --auth-file {tmp}/empty.auth: no USER:PASSWORD entry"),
+        (["--auth-file", "{tmp}/bad.auth"], "error: --auth-file {tmp}/bad.auth: entry 2 is not USER:PASSWORD"),
+    ],
+)
+def test_bad_page_flags_are_one_line(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded despite a bad flag")
+
+    monkeypatch.setattr(Canny2Image, "from_checkpoint", load)
+    (tmp_path / "empty.auth").write_text("# nobody\n\n")
+    (tmp_path / "bad.auth").write_text("ann:pw\nbob-secret\n")
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.replace("{tmp}", str(tmp_path))), err
+    assert "secret" not in err  # a password is never echoed
+
+
+@pytest.mark.parametrize(
+    "argv,warned",
+    [
+        (["--listen"], "warning: --listen without --auth or --auth-file: anyone who can reach the page can use it"),
+        (["--share"], "warning: --share without --auth or --auth-file: anyone who can reach the page can use it"),
+        (
+            ["--listen", "--share"],
+            "warning: --listen and --share without --auth or --auth-file: anyone who can reach the page can use it",
+        ),  # fmt: skip
+        (["--listen", "--auth", "ann:pw"], None),
+        ([], None),
+    ],
+)
+def test_exposed_page_without_login_is_warned(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, argv: list[str], warned: str | None
+) -> None:
+    def load(*args: object, **kwargs: object) -> None:
+        raise ValueError("load reached")
+
+    monkeypatch.setattr(Canny2Image, "from_checkpoint", load)
+    assert main([*argv, "--demo"]) == 1
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == ([] if warned is None else [warned])
+    assert err.splitlines()[-1] == "error: load reached"
+
+
+@pytest.mark.parametrize(
+    "overrides,at,message",
+    [
+        ({}, None, ""),
+        ({"input_image": None}, "input_image", gradio_canny2image.NO_IMAGE),
+        ({"image_resolution": 4096}, "image_resolution", "image_resolution (--image-resolution) must be between"),
+        ({"low_threshold": 250}, "low_threshold", "low_threshold (250) must not exceed high_threshold (200)"),
+        ({"num_samples": 13}, "num_samples", "num_samples (--num-samples) must be between 1 and 12, got 13"),
+        ({"image_resolution": 2048, "wide": True}, "input_image", "wide.png: 3000x4 at image_resolution"),
+        ({"broken": True}, "input_image", "broken.png: cannot read image"),
+    ],
+)
+def test_validator_puts_the_message_on_the_input_at_fault(
+    tmp_path: Path, overrides: dict, at: str | None, message: str
+) -> None:
+    image = str(png(tmp_path / "wide.png", 4, 3000) if overrides.pop("wide", False) else png(tmp_path / "ok.png", 8, 8))
+    if overrides.pop("broken", False):
+        image = str(tmp_path / "broken.png")
+        Path(image).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    values = dict(zip(INPUTS, [image, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200], strict=True))
+    values.update(overrides)
+    verdicts = make_validator()(*values.values())
+    assert [v["is_valid"] for v in verdicts] == [name != at for name in INPUTS]
+    (said,) = [v["message"] for v in verdicts if not v["is_valid"]] or [""]
+    assert message in said if message else said == ""
+
+
+def test_upload_reaches_read_image_as_the_users_file(tmp_path: Path) -> None:
+    """The page's image component hands over the uploaded file itself (no conversion by Gradio), so a 16-bit
+    PNG is scaled by read_image (not clipped to white by an RGB conversion) and nothing is decoded before the
+    checks."""
+    from gradio.data_classes import ImageData
+
+    sixteen = tmp_path / "depth.png"
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(sixteen)
+    assert Image.open(sixteen).mode.startswith("I")
+    page = build_page(StubPipe())  # type: ignore[arg-type]
+    (component,) = [b for b in page.blocks.values() if isinstance(b, gr.Image)]
+    assert component.preprocess(ImageData(path=str(sixteen), orig_name="depth.png")) == str(sixteen)
