@@ -17,7 +17,7 @@ import cpu_canny2image
 from cldm.checkpoint import load_state_dict, save_checkpoint
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
-from cldm.model import create_model, load_model
+from cldm.model import build_model, create_model, load_model, model_config
 from cldm.pipeline import Canny2Image, CannyParams, read_image
 from ldm.models.diffusion.sampling import sample_ddim
 from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
@@ -60,6 +60,15 @@ def v21_files(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple
         return config, ckpt
 
     return make
+
+
+def test_v21_v_config_is_v21_with_v_prediction() -> None:
+    v21, v21_v = OmegaConf.load(V21_CONFIG), OmegaConf.load(REPO / "models" / "cldm_v21_v.yaml")
+    assert v21_v.model.params.pop("parameterization") == "v" and v21_v.model.params.pop("image_size") == 96
+    v21.model.params.pop("image_size")
+    assert v21_v == v21
+    with torch.device("meta"):
+        assert build_model(model_config(REPO / "models" / "cldm_v21_v.yaml"), "v").parameterization == "v"
 
 
 def schedule(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
