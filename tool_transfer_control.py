@@ -49,7 +49,7 @@ def _float32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
-def _check_shapes(key: str, tensors: Iterable[tuple[str, str, torch.Tensor]]) -> None:
+def _check_shapes(tensors: Iterable[tuple[str, str, torch.Tensor]]) -> None:
     """``ValueError`` naming the file and the key when the ``(file, key, tensor)`` triples differ in shape."""
     (name0, key0, t0), *rest = tensors
     for name, other_key, t in rest:
@@ -76,21 +76,22 @@ def transfer_control(
     Arithmetic is in float32; each output tensor has ``control``'s dtype for its key. ``names`` (the three
     files) go into messages. Raises ``ValueError`` naming a file and a key when shapes differ or a key the new
     base has is missing from the old one."""
+    from cldm.checkpoint import control_source_key
+
     out: dict[str, torch.Tensor] = {}
     kept: list[str] = []
     for key, p in tqdm(control.items(), desc="transfer", disable=not progress, total=len(control)):
-        source = "model.diffusion_model." + key.removeprefix("control_model.") if key.startswith("control_model.") \
-            else key  # fmt: skip
+        source = control_source_key(key)
         if key.startswith(BASE_ONLY) and key in new:
-            _check_shapes(key, [(names[0], key, p), (names[2], key, new[key])])
+            _check_shapes([(names[0], key, p), (names[2], key, new[key])])
             value = new[key]
         elif source in new:
             if source not in old:
                 raise ValueError(f"{names[1]}: has no {source}, which {names[2]} has (not the SD1.5 base?)")
-            _check_shapes(key, [(names[0], key, p), (names[1], source, old[source]), (names[2], source, new[source])])
+            _check_shapes([(names[0], key, p), (names[1], source, old[source]), (names[2], source, new[source])])
             if key != source:
                 value = _float32(p) + (_float32(new[source]) - _float32(old[source]))
-            elif torch.equal(p, old[source]):
+            elif p.dtype == old[source].dtype and torch.equal(p, old[source]):
                 value = new[source]
             else:
                 value = _float32(new[source]) + (_float32(p) - _float32(old[source]))
