@@ -12,8 +12,8 @@ other non-ControlNet tensors) becomes ``new base + (file - SD1.5)``, which is ex
 trained with its UNet locked. The hint encoder and the zero convolutions, which no base has, are the ControlNet's.
 The output has the keys (and, per key, the dtype) of the ControlNet file: a 1.0 whole-model file gives a whole
 model, a 1.1 ControlNet-only file a ControlNet-only file. Each base's ``model.diffusion_model.*`` tensors are used
-(in ``v1-5-pruned.ckpt`` the non-EMA weights, which the released ControlNets were copied from); ``model_ema.*``
-keys are ignored.
+(in ``v1-5-pruned.ckpt`` the non-EMA weights, the ones the reference's ``tool_add_control.py`` copies into a new
+ControlNet); ``model_ema.*`` keys are ignored.
 """
 
 from __future__ import annotations
