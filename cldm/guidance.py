@@ -46,8 +46,12 @@ class CFGDenoiser:
         self.batch_cfg = batch_cfg
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, controls: Sequence[Control]) -> torch.Tensor:
-        """One unguided prediction: x [N, 4, h, w], t [N], context [N, 77, D] -> eps [N, 4, h, w]."""
-        return self.model.apply_model(x, t, {"c_crossattn": [context]}, controls=controls)
+        """One unguided prediction: x [N, 4, h, w], t [N], context [N, 77, D] -> eps [N, 4, h, w]. A
+        v-prediction model's output becomes eps here (linear in v for a given x, so guidance may mix either)."""
+        out = self.model.apply_model(x, t, {"c_crossattn": [context]}, controls=controls)
+        if getattr(self.model, "parameterization", "eps") == "v":
+            out = self.model.predict_eps_from_z_and_v(x, t, out)
+        return out
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int = 0, steps: int = 1) -> torch.Tensor:
         """eps [B, 4, h, w] for latents x [B, 4, h, w] at timesteps t [B], at step ``step`` of ``steps`` (which

@@ -24,10 +24,10 @@ tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.to
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
 ROOT_SCRIPTS = ("cpu_canny2image", "gradio_canny2image", "tutorial_train", "tutorial_dataset", "tool_add_control",
-                "share")
+                "tool_transfer_control", "share")  # fmt: skip
 PACKAGES = ("ldm", "cldm", "annotator", "tools", "benchmarks")
-TOOLS_WITH_MAIN = ("convert_checkpoint", "make_clip_tokenizer_files", "make_fill50k", "make_random_checkpoint",
-                   "make_test_imgs", "make_tiny_demo", "measure_control")  # fmt: skip
+TOOLS_WITH_MAIN = ("convert_checkpoint", "make_clip_tokenizer_files", "make_controlnet_manifests", "make_fill50k",
+                   "make_random_checkpoint", "make_test_imgs", "make_tiny_demo", "measure_control")  # fmt: skip
 
 
 def source_files() -> list[Path]:

@@ -20,7 +20,7 @@ UNET, CONTROL, VAE, CLIP = "unet_config", "control_stage_config", "first_stage_c
 # (section of the tiny config's model params, or "" for the model itself; overrides; class named; parameter named)
 CASES: list[tuple[str, dict[str, Any], str, str]] = [
     *[("", {name: value}, "ControlLDM", name) for name, value in [
-        ("parameterization", "v"), ("conditioning_key", "concat"), ("use_ema", True), ("ckpt_path", "sd.ckpt"),
+        ("parameterization", "x0"), ("conditioning_key", "concat"), ("use_ema", True), ("ckpt_path", "sd.ckpt"),
         ("ignore_keys", ["model_ema."]), ("load_only_unet", True), ("make_it_fit", True), ("reset_ema", True),
         ("reset_num_ema_updates", True), ("scheduler_config", {"target": "ldm.lr_scheduler.LambdaLinearScheduler"}),
         ("use_positional_encodings", True), ("learn_logvar", True), ("original_elbo_weight", 0.5),

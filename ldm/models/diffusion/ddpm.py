@@ -79,7 +79,10 @@ class DiffusionWrapper(nn.Module):
 
 
 class DDPM(pl.LightningModule):
-    """Epsilon-prediction diffusion with a fixed beta schedule, conditioned through cross-attention.
+    """Diffusion with a fixed beta schedule, conditioned through cross-attention. The network predicts the noise
+    (``parameterization: eps``, SD1.x, SD2.1-base) or the velocity ``v = sqrt(a_t) eps - sqrt(1 - a_t) x_0``
+    (``parameterization: v``, SD2.x 768-v; Salimans & Ho, arXiv 2202.00512); samplers get eps either way
+    (:meth:`predict_eps_from_z_and_v`, applied by ``cldm.guidance.CFGDenoiser``).
 
     The reference's parameters are accepted. Those selecting something this project does not implement (EMA
     weights, checkpoint loading at construction, other parameterizations or conditionings, a learnt logvar, an
@@ -124,7 +127,7 @@ class DDPM(pl.LightningModule):
     ):
         super().__init__()
         owner = type(self).__name__
-        check_supported(owner, "parameterization", parameterization, "eps")
+        check_supported(owner, "parameterization", parameterization, "eps", "v")
         check_supported(owner, "conditioning_key", conditioning_key, "crossattn")
         check_supported(owner, "use_ema", use_ema, False)
         check_supported(owner, "ckpt_path", ckpt_path, None, hint="load checkpoints with cldm.model.load_state_dict")
@@ -177,6 +180,26 @@ class DDPM(pl.LightningModule):
             + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
         )
 
+    def _signal_noise(self, t: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(a_t), sqrt(1 - a_t)) at t [B], broadcastable to ``shape``."""
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, shape),
+                extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, shape))  # fmt: skip
+
+    def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity target of x_0 = ``x`` and ``noise`` [B, C, h, w] at t [B]: sqrt(a_t) noise - sqrt(1 - a_t) x."""
+        signal, sigma = self._signal_noise(t, x.shape)
+        return signal * noise - sigma * x
+
+    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The noise of latents x_t [B, C, h, w] at t [B] with velocity v: sqrt(a_t) v + sqrt(1 - a_t) x_t."""
+        signal, sigma = self._signal_noise(t, x_t.shape)
+        return signal * v + sigma * x_t
+
+    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_0 of latents x_t [B, C, h, w] at t [B] with velocity v: sqrt(a_t) x_t - sqrt(1 - a_t) v."""
+        signal, sigma = self._signal_noise(t, x_t.shape)
+        return signal * x_t - sigma * v
+
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Element-wise loss (``l2`` or ``l1``), not reduced."""
         if self.loss_type == "l2":
@@ -188,13 +211,15 @@ class DDPM(pl.LightningModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The reference's training loss at timesteps t [B] for clean latents x_start [B, C, h, w].
 
-        loss = l_simple_weight * mean(||eps - eps_theta(x_t, t, c)||^2 / exp(logvar_t) + logvar_t) (the reference's
-        loss with ``original_elbo_weight = 0``).
+        loss = l_simple_weight * mean(||target - model(x_t, t, c)||^2 / exp(logvar_t) + logvar_t) (the reference's
+        loss with ``original_elbo_weight = 0``); the target is the noise, or its velocity (:meth:`get_v`) for
+        ``parameterization: v``.
         """
         noise = torch.randn_like(x_start) if noise is None else noise
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_output = self.apply_model(x_noisy, t, cond)
-        loss_simple = self.get_loss(model_output, noise).mean(dim=(1, 2, 3))
+        target = self.get_v(x_start, noise, t) if self.parameterization == "v" else noise
+        loss_simple = self.get_loss(model_output, target).mean(dim=(1, 2, 3))
         logvar_t = self.logvar.to(loss_simple.device)[t]
         loss = self.l_simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
         prefix = "train" if self.training else "val"
