@@ -690,6 +690,7 @@ PIPELINE_OPTIONAL = ("controlnet",)  # a StableDiffusionControlNetPipeline's fol
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 WEIGHT_VARIANTS = ("", ".fp16", ".bf16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
 FOLDER_EXPECTED = ("a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors or .bin), a "
                    "Stable Diffusion pipeline folder (model_index.json, unet/, vae/, text_encoder/) or a hub cache "
                    "folder models--ORG--NAME")  # fmt: skip
@@ -791,7 +792,9 @@ def load_folder(folder: str | os.PathLike, location: str = "cpu") -> StateDict:
         return state_dict
     if (files / "config.json").is_file():
         return _read_model_folder(files, location)
-    raise CheckpointError(f"{folder}: not a checkpoint folder: expected {FOLDER_EXPECTED}")
+    held = sorted(p.name for p in files.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES)
+    hint = f"; it holds {_shorten(held)}: pass the file" if held else ""
+    raise CheckpointError(f"{folder}: not a checkpoint folder: expected {FOLDER_EXPECTED}{hint}")
 
 
 # --- diffusers configs ---------------------------------------------------------------------------------------

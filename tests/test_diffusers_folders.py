@@ -18,12 +18,20 @@ import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 
-from cldm.checkpoint import CheckpointError, check_folder_config, convert, load_state_dict
-from cldm.model import create_model, load_model, model_config
+from cldm.checkpoint import (
+    CheckpointError,
+    check_folder_config,
+    convert,
+    diffusers_controlnet_config,
+    diffusers_unet_config,
+    diffusers_vae_config,
+    load_state_dict,
+)
+from cldm.model import build_model, create_model, load_model, model_config
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.modules.encoders.modules import clip_text_config
 from tests.conftest import TINY_CONFIG
-from tests.diffusers_port import convert_to_diffusers
+from tests.diffusers_port import controlnet_config, convert_to_diffusers
 from tools import convert_checkpoint
 from tools.make_random_checkpoint import fill_zero_parameters
 
@@ -176,7 +184,10 @@ def test_folder_that_is_neither_is_one_line_naming_it(tmp_path: Path, folders: d
         load_state_dict(tmp_path)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{tmp_path}: not a checkpoint folder: expected a diffusers")
-    assert "model_index.json" in message
+    assert "model_index.json" in message and "pass the file" not in message
+    (tmp_path / "control_v11p_sd15_canny.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"; it holds control_v11p_sd15_canny\.pth: pass the file$"):
+        load_state_dict(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNetSpatioTemporalConditionModel"}))
     with pytest.raises(CheckpointError, match=r"config\.json: model class 'UNetSpatioTemporalConditionModel' is not"):
         load_state_dict(tmp_path)
@@ -309,3 +320,32 @@ def test_help_lists_the_flags(capsys: Any) -> None:
         convert_checkpoint.main(["--help"])
     text = capsys.readouterr().out
     assert all(flag in text for flag in ("--to", "whole", "controlnet", "diffusers", "--dtype", "--config"))
+
+
+@pytest.mark.parametrize("name", ["cldm_tiny.yaml", "cldm_v15.yaml", "cldm_v21.yaml"])
+def test_configs_build_diffusers_models_with_the_converted_shapes(name: str) -> None:
+    """The config.json fields built from a yaml make diffusers' ControlNetModel, UNet2DConditionModel and
+    AutoencoderKL (on the meta device) with exactly the keys and shapes of the converted reference weights, and
+    agree with diffusers' own ``create_*_diffusers_config_from_ldm`` on every field both set."""
+    path = TINY_CONFIG.parent / name
+    config = model_config(path)
+    with torch.device("meta"):
+        reference = build_model(config, path).state_dict()
+    params = config.params
+    built = {"diffusers": (diffusers.ControlNetModel, diffusers_controlnet_config(params.control_stage_config.params)),
+             "diffusers_unet": (diffusers.UNet2DConditionModel, diffusers_unet_config(params.unet_config.params)),
+             "diffusers_vae": (diffusers.AutoencoderKL,
+                               diffusers_vae_config(params.first_stage_config.params.ddconfig))}  # fmt: skip
+    original = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    theirs = {"diffusers": controlnet_config(original, {}),
+              "diffusers_unet": sfu.create_unet_diffusers_config_from_ldm(original, {}),
+              "diffusers_vae": sfu.create_vae_diffusers_config_from_ldm(original, {})}  # fmt: skip
+    for row, (cls, fields) in built.items():
+        assert fields["_class_name"] == cls.__name__
+        with torch.device("meta"):
+            model = cls(**{k: v for k, v in fields.items() if not k.startswith("_")})
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert shapes == {k: tuple(v.shape) for k, v in convert(reference, "ldm", row).items()}, row
+        shared = fields.keys() & theirs[row].keys()
+        assert {"block_out_channels", "layers_per_block"} <= shared
+        assert {k: fields[k] for k in shared} == {k: theirs[row][k] for k in shared}, row
