@@ -169,6 +169,13 @@ def test_hub_cache_folder_and_its_snapshot_load(folders: dict, name: str, tmp_pa
     same(load_state_dict(snapshot), expected)
 
 
+def test_hub_cache_whose_ref_names_a_missing_snapshot_is_named(folders: dict, tmp_path: Path) -> None:
+    cache = hub_cache(folders["controlnet"], tmp_path)
+    (cache / "refs" / "main").write_text("feedbeef\n")
+    with pytest.raises(CheckpointError, match=r"refs/main: names snapshot feedbeef, which is not in .*snapshots$"):
+        load_state_dict(cache)
+
+
 def test_hub_cache_without_refs_uses_its_only_snapshot_and_refuses_two(folders: dict, tmp_path: Path) -> None:
     cache = hub_cache(folders["controlnet"], tmp_path)
     (cache / "refs" / "main").unlink()
@@ -349,3 +356,19 @@ def test_configs_build_diffusers_models_with_the_converted_shapes(name: str) -> 
         shared = fields.keys() & theirs[row].keys()
         assert {"block_out_channels", "layers_per_block"} <= shared
         assert {k: fields[k] for k in shared} == {k: theirs[row][k] for k in shared}, row
+
+
+def test_failed_export_leaves_no_folder(
+    whole_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """A write that fails half way (here: the disk fills while the weights are written) leaves neither the
+    output folder nor the temporary one."""
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    out = tmp_path / "cn"
+    assert convert_checkpoint.main([str(whole_file), str(out), "--to", "diffusers", "--config", str(TINY_CONFIG)]) == 1
+    assert capsys.readouterr().err == f"error: {out}: cannot write the diffusers folder (No space left on device)\n"
+    assert list(tmp_path.iterdir()) == []

@@ -44,7 +44,7 @@ TARGETS = {
     "(default dtype fp32)",
 }
 DEFAULT_DTYPE = {"whole": "bf16", "controlnet": "fp32", "diffusers": "fp32"}
-FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt")
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 
 
 def config_schedule(config: str | Path) -> dict[str, torch.Tensor]:
