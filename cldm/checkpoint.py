@@ -6,10 +6,16 @@ scalars and classes this project does not have (Lightning callbacks): the latter
 :class:`StandIn` records; a pickle naming code (``os.system``, ``builtins.exec``, ...) is refused unloaded.
 Every problem is a :class:`CheckpointError` with a one-line message naming the file, without escape codes.
 
+Folders (:func:`load_folder`): a diffusers ControlNet, UNet, VAE or transformers CLIP text encoder folder, a
+Stable Diffusion (+ ControlNet) pipeline folder, and the hub cache's ``models--ORG--NAME`` layout; their
+``config.json`` is checked against a yaml by :func:`check_folder_config`, and :func:`save_diffusers_controlnet`
+writes a ControlNet folder.
+
 Layouts: :data:`LAYOUTS` is the one table of the key spellings this project converts between. Each row
 converts a state dict into the reference's keys (``"ldm"``, what the model's ``state_dict()`` has) and,
 where it can, back. :func:`convert` goes from any row to any other through ``"ldm"``. Conversions
-rename keys only: the tensors are the same objects (no copy, no dtype change).
+rename keys only: the tensors are the same objects (no copy, no dtype change), except the VAE attention
+weights, which diffusers holds as linear weights: they are reshaped views of the same memory.
 """
 
 from __future__ import annotations
@@ -570,7 +576,10 @@ def _ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], prefix: str, shape
     part = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not part:
         return {}
-    relative = shape.of_ldm([k[len(prefix) :] for k in part]).prefixes()
+    try:
+        relative = shape.of_ldm([k[len(prefix) :] for k in part]).prefixes()
+    except CheckpointError as err:
+        raise CheckpointError(f"{prefix.rstrip('.')}: {err}") from None
     pairs = [(prefix + src, dst, parts) for src, dst, parts in relative]
     return _rename(part, pairs, f"{shape.what} key of the ldm layout")
 
