@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from cldm.checkpoint import CheckpointError, check_state_dict
+from cldm.checkpoint import CheckpointError, check_folder_config, check_state_dict
 from cldm.checkpoint import load_state_dict as load_state_dict  # the reference API: from cldm.model import ...
 from ldm.memory import LOW_MEMORY_DTYPE, compute_in_float32
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
@@ -155,6 +155,7 @@ def load_model(
     names that config.
     """
     config = model_config(config_path, base)
+    check_folder_config(ckpt_path, config, str(config_path))  # a diffusers folder's config.json vs the yaml
     state_dict = load_state_dict(ckpt_path)
     with torch.device("meta"):
         model = build_model(config, config_path)

@@ -12,6 +12,7 @@ from cldm.checkpoint import (
     LAYOUTS,
     CheckpointError,
     ControlNetShape,
+    UNetShape,
     controlnet_to_diffusers,
     convert,
     diffusers_to_controlnet,
@@ -37,7 +38,7 @@ def ldm_and_config(request: pytest.FixtureRequest) -> tuple[dict[str, torch.Tens
 
 
 def test_the_table_has_the_reference_sd_and_diffusers_rows() -> None:
-    assert list(LAYOUTS) == ["ldm", "sd", "diffusers"]
+    assert list(LAYOUTS) == ["ldm", "sd", "diffusers", "diffusers_unet", "diffusers_vae", "diffusers_clip"]
     with pytest.raises(ValueError, match="unknown checkpoint layout 'kohya' .*ldm, sd, diffusers"):
         convert({}, "kohya", "ldm")
 
@@ -112,3 +113,36 @@ def test_diffusers_row_names_keys_it_has_no_place_for() -> None:
     with pytest.raises(CheckpointError, match=r"down_blocks\.0\.resnets\.0\.norm3\.weight: not a ControlNet key"):
         diffusers_to_controlnet({**converted, "down_blocks.0.resnets.0.norm3.weight": torch.zeros(1)})
     assert controlnet_to_diffusers({"betas": torch.zeros(3)}) == {} and diffusers_to_controlnet({}) == {}
+
+
+def test_unet_vae_and_clip_rows_equal_diffusers_conversion(ldm_and_config: tuple) -> None:
+    """The pipeline rows give the keys and tensors of diffusers' ``convert_ldm_unet_checkpoint``,
+    ``convert_ldm_vae_checkpoint`` (its attention weights reshaped to linear) and ``convert_ldm_clip_checkpoint``,
+    and map them back to the identical reference keys and values."""
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    ldm, config = ldm_and_config
+    params = model_config(config).params
+    levels = len(params.first_stage_config.params.ddconfig.ch_mult)
+    theirs = {"diffusers_unet": sfu.convert_ldm_unet_checkpoint(ldm, {"layers_per_block": 2}),
+              "diffusers_vae": sfu.convert_ldm_vae_checkpoint(dict(ldm), {"down_block_types": [None] * levels,
+                                                                          "up_block_types": [None] * levels}),
+              "diffusers_clip": sfu.convert_ldm_clip_checkpoint(ldm)}  # fmt: skip
+    prefixes = {"diffusers_unet": "model.diffusion_model.", "diffusers_vae": "first_stage_model.",
+                "diffusers_clip": "cond_stage_model."}  # fmt: skip
+    for row, expected in theirs.items():
+        ours = convert(ldm, "ldm", row)
+        assert ours.keys() == expected.keys(), row
+        assert all(ours[k].shape == expected[k].shape for k in ours), row
+        assert all(ours[k].untyped_storage().data_ptr() == expected[k].untyped_storage().data_ptr() for k in ours)
+        back = convert(ours, row, "ldm")
+        original = {k: v for k, v in ldm.items() if k.startswith(prefixes[row])}
+        assert back.keys() == original.keys() and all(back[k].shape == original[k].shape for k in back), row
+        assert all(back[k].untyped_storage().data_ptr() == original[k].untyped_storage().data_ptr() for k in back)
+
+
+def test_unet_shape_knows_which_up_levels_have_attention(ldm_and_config: tuple) -> None:
+    ldm, _ = ldm_and_config
+    unet = [k.removeprefix("model.diffusion_model.") for k in ldm if k.startswith("model.diffusion_model.")]
+    shape = UNetShape.of_ldm(unet)
+    assert shape == UNetShape(levels=4, layers=2, attention=(False, True, True, True))
+    assert UNetShape.of_diffusers(list(convert(ldm, "ldm", "diffusers_unet"))) == shape

@@ -1,10 +1,16 @@
-"""Rewrite a checkpoint with its weights in another precision (keys unchanged; the noise schedule written is the
-config's, in float32, whatever the input holds).
+"""Rewrite a checkpoint (a file or a diffusers folder): every key in another precision, the ControlNet alone in
+the ControlNet 1.1 layout, or the ControlNet as a diffusers folder.
 
     python -m tools.convert_checkpoint models/control_sd15_canny.pth models/control_sd15_canny_bf16.safetensors
+    python -m tools.convert_checkpoint models/control_sd15_canny.pth control_sd15_canny.pth --to controlnet
+    python -m tools.convert_checkpoint models/control_sd15_canny.pth sd-controlnet-canny --to diffusers
 
-A bfloat16 copy (2.9 GB for SD1.5 + ControlNet) is what ``--low-memory`` maps straight into the
-model, so loading touches half the bytes of the float32 file.
+``--to whole`` (default) keeps every key; the noise schedule written is the config's, in float32, whatever the
+input holds. A bfloat16 copy (2.9 GB for SD1.5 + ControlNet) is what ``--low-memory`` maps straight into the
+model, so loading touches half the bytes of the float32 file. ``--to controlnet`` writes only the
+``control_model.*`` tensors, flat, as the ControlNet 1.1 release files (``control_v11p_sd15_canny.pth``) hold
+them. ``--to diffusers`` writes a folder that diffusers reads with ``ControlNetModel.from_pretrained(folder)``
+(``variant="fp16"`` for ``--dtype fp16``). Each output is written under a temporary name and renamed at the end.
 """
 
 from __future__ import annotations
@@ -15,13 +21,30 @@ from pathlib import Path
 
 import torch
 
-from cldm.checkpoint import CheckpointError, cast_weights, check_writable_dir, load_state_dict, save_checkpoint
+from cldm.checkpoint import (
+    CONTROL_PREFIX,
+    CheckpointError,
+    cast_weights,
+    check_state_dict,
+    check_writable_dir,
+    load_state_dict,
+    save_checkpoint,
+    save_diffusers_controlnet,
+)
 from cldm.model import build_model, model_config
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "models" / "cldm_v15.yaml"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TARGETS = {
+    "whole": "every key of the input, reference layout (default; default dtype bf16)",
+    "controlnet": "control_model.* only, the ControlNet 1.1 layout (.pth/.ckpt/.safetensors; default dtype fp32)",
+    "diffusers": "a diffusers ControlNet folder: config.json + diffusion_pytorch_model.safetensors "
+    "(default dtype fp32)",
+}
+DEFAULT_DTYPE = {"whole": "bf16", "controlnet": "fp32", "diffusers": "fp32"}
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 
 
 def config_schedule(config: str | Path) -> dict[str, torch.Tensor]:
@@ -33,16 +56,46 @@ def config_schedule(config: str | Path) -> dict[str, torch.Tensor]:
     return {name: buffer for name, buffer in model.named_buffers() if name in SCHEDULE_BUFFERS}
 
 
+def control_part(state_dict: dict[str, torch.Tensor], src: str | Path, config: str | Path) -> dict[str, torch.Tensor]:
+    """The ``control_model.*`` tensors of ``state_dict`` after checking their keys and shapes against the
+    ControlNet of yaml ``config`` (built on the meta device). Raises ``CheckpointError`` naming ``src`` when it
+    holds no ControlNet or one of another shape."""
+    control = {k: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+    if not control:
+        raise CheckpointError(f"{src}: holds no control_model.* tensors (not a ControlNet checkpoint)")
+    with torch.device("meta"):
+        model = build_model(model_config(config), config)
+    if not hasattr(model, "control_model"):
+        raise CheckpointError(f"{config}: the config's model has no ControlNet (control_stage_config)")
+    check_state_dict(model.control_model, {k[len(CONTROL_PREFIX) :]: v for k, v in control.items()}, str(src))
+    return control
+
+
 def convert_checkpoint(
-    src: str | Path, dst: str | Path, dtype: torch.dtype, config: str | Path = DEFAULT_CONFIG
+    src: str | Path, dst: str | Path, dtype: torch.dtype, config: str | Path = DEFAULT_CONFIG, to: str = "whole"
 ) -> dict[str, torch.Tensor]:
-    """Write the weights of checkpoint ``src`` to ``dst`` (replaced if it exists) with every floating tensor in
-    ``dtype`` except the diffusion schedule buffers, which are those of ``config`` in float32 (the file's may be
-    rounded to half precision); keys unchanged. ``.safetensors`` for that suffix, else a torch pickle. Returns the
-    state dict written. Raises ``CheckpointError`` for an unreadable ``src`` or ``config`` or a schedule whose
-    length differs from the config's, ``OSError`` when ``dst`` cannot be written."""
+    """Write the weights of checkpoint ``src`` (a file or a diffusers folder) to ``dst`` with every floating
+    tensor in ``dtype``. ``to`` (a key of :data:`TARGETS`): ``"whole"`` keeps every key, the diffusion schedule
+    buffers being those of ``config`` in float32 (the file's may be rounded to half precision), ``.safetensors``
+    for that suffix, else a torch pickle (replaced if it exists); ``"controlnet"`` writes the ``control_model.*``
+    tensors alone as a flat dict; ``"diffusers"`` writes them as the diffusers ControlNet folder ``dst`` (which
+    must not exist) with a ``config.json`` built from ``config``. Returns the state dict written (reference
+    keys). Raises ``CheckpointError`` for an unreadable ``src`` or ``config``, a schedule whose length differs
+    from the config's, or a ControlNet that does not match the config; ``OSError`` when ``dst`` cannot be
+    written; ``ValueError`` for an unknown ``to``."""
+    if to not in TARGETS:
+        raise ValueError(f"unknown target '{to}' (choose from {', '.join(TARGETS)})")
     check_writable_dir(Path(dst).parent)  # before the (large) input is read
-    state_dict = cast_weights(load_state_dict(src), dtype)
+    state_dict = load_state_dict(src)
+    if to != "whole":
+        state_dict = cast_weights(control_part(state_dict, src, config), dtype)
+        if to == "diffusers":
+            params = model_config(config).params.control_stage_config.params
+            save_diffusers_controlnet(state_dict, dst, params, variant="" if dtype == torch.float32 else _name(dtype))
+        else:
+            save_checkpoint(state_dict, dst, flat=True)
+        return state_dict
+    state_dict = cast_weights(state_dict, dtype)
     for name, value in config_schedule(config).items():
         if name in state_dict:
             if state_dict[name].shape != value.shape:
@@ -53,23 +106,45 @@ def convert_checkpoint(
     return state_dict
 
 
+def _name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def check_output(output: Path, to: str) -> None:
+    """``ValueError`` (one line naming ``output``) when it exists or its name does not fit ``to``."""
+    if output.exists():
+        raise ValueError(f"{output}: output already exists")
+    is_file = output.suffix.lower() in FILE_SUFFIXES
+    if to == "diffusers" and is_file:
+        raise ValueError(f"{output}: --to diffusers writes a folder; give a folder name without {output.suffix}")
+    if to != "diffusers" and not is_file:
+        raise ValueError(f"{output}: not a checkpoint file name ({', '.join(FILE_SUFFIXES)}); "
+                         "for a diffusers folder pass --to diffusers")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input", help="checkpoint to read (.ckpt/.pth/.safetensors)")
-    parser.add_argument("output", help="checkpoint to write (.safetensors or .ckpt/.pth)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="precision to store (default bf16)")
+    targets = "targets (--to):\n" + "\n".join(f"  {name:<11} {what}" for name, what in TARGETS.items())
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.splitlines()[:2]), epilog=targets,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("input", help="checkpoint to read: .ckpt/.pth/.bin/.safetensors, or a diffusers folder "
+                        "(ControlNet, pipeline, or hub cache models--ORG--NAME)")  # fmt: skip
+    parser.add_argument("output", help="file to write (.safetensors, .pth or .ckpt), or the folder for --to diffusers")
+    parser.add_argument("--to", choices=list(TARGETS), default="whole", help="what to write (default whole; see below)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="precision to store (default bf16 for --to whole, fp32 otherwise)")  # fmt: skip
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="model config whose noise schedule is written (default: the repo's models/cldm_v15.yaml)")
+                        help="model config: its noise schedule (--to whole), the ControlNet the input must match "
+                        "and the diffusers config.json (default: the repo's models/cldm_v15.yaml)")  # fmt: skip
     args = parser.parse_args(argv)
+    dtype = args.dtype or DEFAULT_DTYPE[args.to]
     try:
-        if Path(args.output).exists():
-            raise ValueError(f"{args.output}: output file already exists")
-        state_dict = convert_checkpoint(args.input, args.output, DTYPES[args.dtype], args.config)
+        check_output(Path(args.output), args.to)
+        state_dict = convert_checkpoint(args.input, args.output, DTYPES[dtype], args.config, args.to)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     size = sum(v.numel() * v.element_size() for v in state_dict.values())
-    print(f"wrote {args.output}: {len(state_dict)} tensors, {size / 1e9:.2f} GB of {args.dtype} weights")
+    print(f"wrote {args.output}: {len(state_dict)} tensors, {size / 1e9:.2f} GB of {dtype} weights")
     return 0
 
 
