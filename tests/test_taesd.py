@@ -121,6 +121,7 @@ def odd_files(reference: torch.nn.Module, files: dict[str, Path], tmp: Path) -> 
         "missing": (_write(tmp / "cut.pth", {k: v for k, v in public.items() if k != "19.bias"}), "1 missing keys"),
         "shape": (_write(tmp / "wide.pth", {**public, "1.bias": torch.zeros(65)}), "wrong shape"),
         "extra": (_write(tmp / "extra.pth", {**public, "20.weight": torch.zeros(1)}), "unexpected keys"),
+        "unindexed": (_write(tmp / "odd.pth", {"decoder.layers.x.weight": torch.zeros(1)}), "decoder.layers.x.weight"),
         "config": (wrong_config / "config.json", "act_fn='silu'"),
         "folder": (empty, "diffusion_pytorch_model"),
         "absent": (tmp / "nothing.pth", "not found"),
@@ -128,8 +129,8 @@ def odd_files(reference: torch.nn.Module, files: dict[str, Path], tmp: Path) -> 
     }
 
 
-@pytest.mark.parametrize("case", ["neither", "encoder", "missing", "shape", "extra", "config", "folder", "absent",
-                                  "garbage"])  # fmt: skip
+@pytest.mark.parametrize("case", ["neither", "encoder", "missing", "shape", "extra", "unindexed", "config", "folder",
+                                  "absent", "garbage"])  # fmt: skip
 def test_odd_files_are_one_line_errors(reference, files, tmp_path, case: str) -> None:
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 40)
     path, words = odd_files(reference, files, tmp_path)[case]

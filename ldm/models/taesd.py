@@ -87,21 +87,13 @@ class TAESDDecoder(nn.Sequential):
 
 def diffusers_to_taesd(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """A diffusers ``AutoencoderTiny`` state dict's decoder (``decoder.layers.N.rest``) in the public
-    ``taesd_decoder`` keys (``{N + 1}.rest``); other keys (the encoder's) are dropped. Same tensor objects."""
+    ``taesd_decoder`` keys (``{N + 1}.rest``); other keys (the encoder's) are dropped, a ``decoder.layers.*`` key
+    without an index is kept as it is (for the key check to report). Same tensor objects."""
     out: StateDict = {}
     for key, value in state_dict.items():
         if key.startswith(DIFFUSERS_PREFIX):
             index, _, rest = key[len(DIFFUSERS_PREFIX) :].partition(".")
-            out[f"{int(index) + 1}.{rest}"] = value
-    return out
-
-
-def taesd_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """The inverse of :func:`diffusers_to_taesd`: public ``taesd_decoder`` keys -> ``decoder.layers.*``."""
-    out: StateDict = {}
-    for key, value in state_dict.items():
-        index, _, rest = key.partition(".")
-        out[f"{DIFFUSERS_PREFIX}{int(index) - 1}.{rest}"] = value
+            out[f"{int(index) + 1}.{rest}" if index.isdigit() else key] = value
     return out
 
 
