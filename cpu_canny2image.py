@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
     from cldm.pipeline import CannyParams
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
+    from ldm.models.taesd import SPEC_HELP as VAE_DECODER_HELP
     from share import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, DEMO_SCALE
 
     d = CannyParams()
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default="outputs", help="where PNGs are written (default: %(default)s)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH", help=VAE_DECODER_HELP)
     add_inference_arguments(p)
     return p
 
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir = check_writable_dir(args.output_dir)  # before the slow load and sampling
         start = time.perf_counter()
         pipe = Canny2Image.from_checkpoint(config, ckpt, device, low_memory=args.low_memory,
-                                           path=path_from_args(args))
+                                           path=path_from_args(args), vae_decoder=args.vae_decoder)
         print(f"loaded {ckpt} ({config.name}) on {device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)

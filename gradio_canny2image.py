@@ -36,6 +36,7 @@ INPUTS = ("input_image", "prompt", "a_prompt", "n_prompt", "num_samples", "image
 def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
+    from ldm.models.taesd import SPEC_HELP as VAE_DECODER_HELP
 
     p = argparse.ArgumentParser(description="Gradio page: Canny edge map -> image with SD1.5 + ControlNet.")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="serve the tiny trained circle demo (models/cldm_tiny.yaml)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH", help=VAE_DECODER_HELP)
     add_inference_arguments(p)
     return p
 
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
-                                          low_memory=args.low_memory, path=path_from_args(args))  # fmt: skip
+                                          low_memory=args.low_memory, path=path_from_args(args),
+                                          vae_decoder=args.vae_decoder)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from cldm.inference import InferencePath, use_path
 from cldm.model import load_model
 from ldm.memory import release_mapped_weights
 from ldm.models.diffusion.sampling import SAMPLERS, sampling_steps
+from ldm.models.taesd import TAESDDecoder, decoder_from_spec
 from ldm.util import seed_everything
 
 MAX_SEED = 2**31 - 1
@@ -241,20 +242,32 @@ class Canny2Image:
     from the page cache on the next call, so the process holds one stage's weights at a time.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, path: InferencePath | str = "fast"):
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, path: InferencePath | str = "fast",
+        vae_decoder: TAESDDecoder | str | None = None,
+    ):  # fmt: skip
+        """``vae_decoder``: ``None`` or ``"full"`` (the model's VAE, ``decode_first_stage``), ``"taesd:PATH"`` or a
+        :class:`TAESDDecoder` (used for the images; ``model.decode_first_stage`` stays the VAE). ``ValueError`` for
+        another spec or a decoder whose latent channels are not the model's; ``CheckpointError`` for its file."""
         self.model = model
         self.device = device
         self.path = use_path(model, path)
         self.apply_canny = CannyDetector()
+        decoder = decoder_from_spec(vae_decoder)
+        if decoder is not None and decoder.latent_channels != model.first_stage_model.embed_dim:
+            raise ValueError(f"--vae-decoder: a TAESD decoder for {decoder.latent_channels}-channel latents, the "
+                             f"model's have {model.first_stage_model.embed_dim}")  # fmt: skip
+        self.vae_decoder = None if decoder is None else decoder.to(device)
 
     @classmethod
     def from_checkpoint(
         cls, config: str | Path, ckpt: str | Path, device: torch.device, low_memory: bool = False,
-        path: InferencePath | str = "fast",
+        path: InferencePath | str = "fast", vae_decoder: TAESDDecoder | str | None = None,
     ) -> Canny2Image:  # fmt: skip
         """Load the model (``low_memory``: bfloat16 weights, float32 compute) and wrap it (``path``: see
-        :mod:`cldm.inference`)."""
-        return cls(load_model(config, ckpt, device=device, low_memory=low_memory), device, path)
+        :mod:`cldm.inference`; ``vae_decoder``: see :class:`Canny2Image`, a TAESD file read before the model)."""
+        decoder = decoder_from_spec(vae_decoder)
+        return cls(load_model(config, ckpt, device=device, low_memory=low_memory), device, path, decoder)
 
     def _done_with(self, *modules: torch.nn.Module) -> None:
         if self.path.page_out:
@@ -316,7 +329,15 @@ class Canny2Image:
                                    callback=None if callback is None else lambda i, x, x0: callback(i),
                                    progress=progress)  # fmt: skip
         self._done_with(model.model, model.control_model)
-        x_samples = model.decode_first_stage(samples)
-        self._done_with(model.first_stage_model)
+        x_samples = self.decode(samples)
         x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy().clip(0, 255).astype(np.uint8)
         return [255 - detected_map] + [x_samples[i] for i in range(n)], seed
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent ``z`` [B, 4, h, w] as sampled -> images [B, 3, 8h, 8w] roughly in [-1, 1]: the VAE
+        (``decode_first_stage``, its weights then released as the path says) or the TAESD decoder (float32)."""
+        if self.vae_decoder is not None:
+            return self.vae_decoder.decode(z.float())
+        x = self.model.decode_first_stage(z)
+        self._done_with(self.model.first_stage_model)
+        return x
