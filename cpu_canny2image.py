@@ -162,9 +162,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
+    try:  # from the start: Ctrl-C while torch is still being imported is one line too
+        return run(build_parser().parse_args(argv))
     except KeyboardInterrupt:
         print("interrupted: no images written", file=sys.stderr)
         return 130

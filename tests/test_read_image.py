@@ -206,6 +206,18 @@ def test_ctrl_c_during_sampling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert list(out_dir.iterdir()) == []
 
 
+def test_ctrl_c_while_starting_up_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C while torch is still being imported (inside build_parser) is the same one line, exit 130."""
+    import cpu_canny2image
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cpu_canny2image, "build_parser", interrupted)
+    assert cpu_canny2image.main(["--demo"]) == 130
+    assert capsys.readouterr().err == "interrupted: no images written\n"
+
+
 def test_ctrl_c_while_writing_leaves_no_partial_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
