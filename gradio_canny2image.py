@@ -30,12 +30,14 @@ TITLE = "Control Stable Diffusion with Canny Edge Maps"
 def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
+    from share import add_base_arguments
 
     p = argparse.ArgumentParser(description="Gradio page: Canny edge map -> image with SD1.5 + ControlNet.")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 instead of 127.0.0.1")
     p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (needs internet)")
     p.add_argument("--ckpt", default=None, help="checkpoint (default: models/control_sd15_canny.pth)")
+    add_base_arguments(p)
     p.add_argument("--config", default=None, help="model config (default: models/cldm_v15.yaml)")
     p.add_argument("--demo", action="store_true", help="serve the tiny trained circle demo (models/cldm_tiny.yaml)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from share import DEMO_IMAGE, choose_model, demo_params, describe_demo
 
     try:
-        choice = choose_model(args.ckpt, args.config, args.demo)
+        choice = choose_model(args.ckpt, args.config, args.demo, args.base)
         notice = None
         if choice.demo:
             notice = choice.notice or describe_demo()
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
-                                          low_memory=args.low_memory, path=path_from_args(args))  # fmt: skip
+                                          low_memory=args.low_memory, path=path_from_args(args),
+                                          base_ckpt=choice.base, base_ema=args.base_ema)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -184,11 +184,15 @@ class Canny2Image:
     @classmethod
     def from_checkpoint(
         cls, config: str | Path, ckpt: str | Path, device: torch.device, low_memory: bool = False,
-        path: InferencePath | str = "fast",
+        path: InferencePath | str = "fast", base_ckpt: str | Path | None = None, base_ema: bool = False,
+        notify: Callable[[str], None] | None = None,
     ) -> Canny2Image:  # fmt: skip
-        """Load the model (``low_memory``: bfloat16 weights, float32 compute) and wrap it (``path``: see
-        :mod:`cldm.inference`)."""
-        return cls(load_model(config, ckpt, device=device, low_memory=low_memory), device, path)
+        """Load the model (``low_memory``: bfloat16 weights, float32 compute; ``base_ckpt``, ``base_ema``,
+        ``notify``: the Stable Diffusion base, see :func:`cldm.model.load_model`) and wrap it (``path``: see
+        :mod:`cldm.inference`). Raises :class:`~cldm.checkpoint.CheckpointError` as ``load_model``."""
+        model = load_model(config, ckpt, device=device, low_memory=low_memory, base_ckpt=base_ckpt,
+                           base_ema=base_ema, notify=notify)  # fmt: skip
+        return cls(model, device, path)
 
     def _done_with(self, *modules: torch.nn.Module) -> None:
         if self.path.page_out:
