@@ -99,10 +99,11 @@ def test_fp16_controlnet_is_cast_per_tensor(files: dict[str, Path]) -> None:
 
 
 def test_other_weights_give_other_images(files: dict[str, Path], whole_image: np.ndarray) -> None:
-    """The routes above are tests with power: the wrong UNet, or the whole file's own base, changes the image."""
-    assert max_difference(route_image(files["whole_other_sd.pth"]), whole_image) > 8
+    """The routes above are tests with power: the wrong UNet, or the whole file's own base, changes the image by more
+    than the fp16 tolerance."""
+    assert max_difference(route_image(files["whole_other_sd.pth"]), whole_image) > 1
     wrong_ema = route_image(files["control.pth"], files["base_pruned_ema_is_ours.ckpt"])  # non-EMA: the other UNet
-    assert max_difference(wrong_ema, whole_image) > 8
+    assert max_difference(wrong_ema, whole_image) > 1
 
 
 def test_the_load_says_which_unet_it_used(files: dict[str, Path], weights: Weights) -> None:
