@@ -35,7 +35,7 @@ from cldm.checkpoint import (
     model_family,
 )
 from cldm.checkpoint import load_state_dict as load_state_dict  # the reference API: from cldm.model import ...
-from ldm.memory import LOW_MEMORY_DTYPE, compute_in_float32
+from ldm.memory import LOW_MEMORY_DTYPE, cast_releasing, compute_in_float32
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import ConfigError, check_config, instantiate_from_config
 
@@ -337,9 +337,7 @@ def load_model(
     def target(name: str) -> torch.dtype:
         return LOW_MEMORY_DTYPE if low_memory and name in params else torch.float32
 
-    state_dict = {
-        k: v.to(target(k)) if v.is_floating_point() and v.dtype != target(k) else v for k, v in state_dict.items()
-    }
+    state_dict = cast_releasing(state_dict, target)
     model.load_state_dict(state_dict, strict=True, assign=True)  # keeps the config's schedule, not the file's
     _materialize_nonpersistent(model)
     if low_memory:
