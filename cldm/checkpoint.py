@@ -513,24 +513,26 @@ def _any(keys: list[str], test: Callable[[str], bool]) -> bool:
 
 
 def foreign_kind(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """What a file holds when it is a kind of weights this project does not run, with the keys that show it
-    (e.g. ``"a T2I-Adapter (keys body.*, conv_in.*)"``); ``None`` for anything else. Kinds: Control-LoRA,
-    LoRA/LyCORIS, T2I-Adapter, IP-Adapter, diffusers-keyed ControlNet weights, SDXL (ControlNet or base)."""
+    """When a file holds weights of a kind this project does not run: what it is, the keys that show it, and
+    what to pass instead (e.g. ``"a T2I-Adapter (keys body.*, conv_in.*), not a ControlNet: ..."``); ``None``
+    for anything else. Kinds: Control-LoRA, LoRA, T2I-Adapter, IP-Adapter, diffusers-keyed ControlNet weights
+    (a single file), SDXL (ControlNet or base)."""
     keys = list(state_dict)
+    other = "not a ControlNet: --ckpt takes a ControlNet file (control_model.* keys)"
     if "lora_controlnet" in state_dict:
-        return "a Control-LoRA (key lora_controlnet, low-rank *.up/*.down weights)"
+        return "a Control-LoRA (key lora_controlnet, low-rank *.up/*.down weights), which this project does not run"
     if _any(keys, lambda k: k.startswith(LORA_PREFIXES) or any(mark in k for mark in LORA_MARKS)):
-        return "a LoRA (keys lora_unet_*/lora_te_* or *.lora_A/*.lora_B), which changes a base model: no ControlNet"
+        return f"a LoRA (keys lora_unet_*/lora_te_* or *.lora_A/*.lora_B), changes to a base model, {other}"
     if "controlnet_cond_embedding.conv_in.weight" in state_dict:
         return ("a diffusers ControlNet's weights (keys controlnet_cond_embedding.*): pass the folder that holds "
                 "them with their config.json")
     if _any(keys, lambda k: k.removeprefix("adapter.").startswith("body.") or k == "style_embedding"):
-        return "a T2I-Adapter (keys body.*, conv_in.*)"
+        return f"a T2I-Adapter (keys body.*, conv_in.*), {other}"
     if _any(keys, lambda k: k.startswith(("ip_adapter.", "image_proj."))):
-        return "an IP-Adapter (keys ip_adapter.*, image_proj.*)"
+        return f"an IP-Adapter (keys ip_adapter.*, image_proj.*), {other}"
     family = model_family(state_dict)
     if family is not None and family[0] == "SDXL":
-        return f"an SDXL model ({family[1]})"
+        return f"an SDXL model ({family[1]}); this project runs SD1.x and SD2.x models"
     return None
 
 

@@ -181,7 +181,7 @@ def check_usable(
     inpainting UNet (9 input channels) for a 4-channel model."""
     kind = foreign_kind(state_dict)
     if kind is not None:
-        raise CheckpointError(f"{name}: this is {kind}; this project runs SD1.x/SD2.x ControlNets")
+        raise CheckpointError(f"{name}: {kind}")
     found, wanted = model_family(state_dict), model_family(expected)
     if found and wanted and found[0] != wanted[0]:
         fits = configs_like(state_dict, config_path)
@@ -191,7 +191,7 @@ def check_usable(
     channels, own = input_channels(state_dict), input_channels(expected)
     if channels == INPAINT_CHANNELS and own != INPAINT_CHANNELS:
         raise CheckpointError(f"{name}: an inpainting UNet (input_blocks.0.0 takes {channels} channels: latent, "
-                              f"mask and masked image); this model takes {own}: use a plain model")  # fmt: skip
+                              f"mask and masked image); this model takes {own}: use a non-inpainting one")  # fmt: skip
 
 
 def _read(path: str | os.PathLike, expected: Mapping[str, torch.Tensor], config_path: Path) -> StateDict:

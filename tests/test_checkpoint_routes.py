@@ -176,6 +176,11 @@ REFUSED = {
     "lora_peft": (lambda w: {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4),
                              "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(4, 2)},
                   TINY_CONFIG, r"a LoRA \("),
+    "ip_adapter": (lambda w: {"image_proj.proj.weight": torch.ones(2), "ip_adapter.1.to_k_ip.weight": torch.ones(2)},
+                   TINY_CONFIG, r"an IP-Adapter .*--ckpt takes a ControlNet file"),
+    "diffusers_single_file": (lambda w: {"controlnet_cond_embedding.conv_in.weight": torch.zeros(4, 3, 3, 3),
+                                         "conv_in.weight": torch.zeros(4, 4, 3, 3)},
+                              TINY_CONFIG, r"a diffusers ControlNet's weights .*pass the folder"),
     "base_as_ckpt": (base_model, TINY_CONFIG, r"a Stable Diffusion model without a ControlNet .*pass it as --base"),
     "controlnet_without_base": (controlnet_only, TINY_CONFIG, r"a ControlNet alone .*pass it with --base$"),
 }  # fmt: skip
