@@ -217,3 +217,25 @@ def test_cli_controlnet_without_base_names_the_flag(files: dict[str, Path], tmp_
         f"error: {files['control.pth']}: a ControlNet alone (control_model.* only): it needs a Stable Diffusion 1.5 "
         "base model, e.g. v1-5-pruned.ckpt: pass it with --base"
     ]
+
+
+def test_gradio_controlnet_without_base_names_the_flag(files: dict[str, Path], capsys) -> None:
+    import gradio_canny2image
+
+    assert gradio_canny2image.main(["--ckpt", str(files["control.pth"]), "--config", str(TINY_CONFIG)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {files['control.pth']}: ") and "--base" in lines[0]
+
+
+def test_scripts_model_choice_with_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import share
+
+    choice = share.choose_model("control.pth", None, base="v1-5-pruned.ckpt")
+    assert (choice.ckpt, choice.base, choice.config) == (Path("control.pth"), Path("v1-5-pruned.ckpt"), V15_CONFIG)
+    with pytest.raises(ValueError, match="--demo and --base b.ckpt cannot be combined"):
+        share.choose_model(demo=True, base="b.ckpt")
+    monkeypatch.setattr(share, "DEFAULT_CKPT", tmp_path / "control_sd15_canny.pth")  # not downloaded
+    with pytest.raises(ValueError, match=r"^--base b\.ckpt .*pass the ControlNet file with --ckpt"):
+        share.choose_model(base="b.ckpt")
+    share.DEFAULT_CKPT.write_bytes(b"")  # downloaded: the whole 1.0 file with another base
+    assert share.choose_model(base="b.ckpt").ckpt == share.DEFAULT_CKPT
