@@ -274,9 +274,12 @@ def compose_state_dict(
         else:
             tensors = {k: v for k, v in ckpt.items() if k.startswith(prefix)}
         composed.update(tensors)
-    # the schedule buffers and other non-part keys: the base's, else the ControlNet file's (the model keeps its own)
-    rest = (k for k in expected if not k.startswith((CONTROL_PREFIX, *sd_prefixes)))
-    composed.update({k: base[k] if k in base else ckpt[k] for k in rest if k in base or k in ckpt})
+    # the schedule buffers and other keys of no part: the base's, else the ControlNet file's, else (schedule
+    # buffers, which many base files lack) the model's own: it keeps its own values whatever a file holds
+    for key in (k for k in expected if not k.startswith((CONTROL_PREFIX, *sd_prefixes))):
+        value = base.get(key, ckpt.get(key, expected[key] if key in SCHEDULE_BUFFERS else None))
+        if value is not None:
+            composed[key] = value
     replaced = f", replacing those of {ckpt_path}" if has.unet or has.vae or has.text else ""
     (notify or _to_stderr)(f"base {base_ckpt}: {', '.join(taken)}{replaced}; UNet from {which}")
     name = f"{ckpt_path} with base {base_ckpt}"

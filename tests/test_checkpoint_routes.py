@@ -53,6 +53,8 @@ def files(weights: Weights, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         "control_fp16.safetensors": {k: v.half() for k, v in controlnet_only(weights).items()},
         "difference.safetensors": difference_file(weights, unet),
         "base_emaonly.safetensors": base_model(weights),  # v1-5-pruned-emaonly: no model_ema.*
+        # a community fine-tune's file: the UNet, VAE and text encoder only, no schedule buffers
+        "base_community.safetensors": {k: v for k, v in base_model(weights).items() if k.startswith(SD_PREFIXES)},
         # v1-5-pruned.ckpt: non-EMA UNet under model.diffusion_model.*, EMA copy under model_ema.*
         "base_pruned.ckpt": base_model(weights, ema_unet=other_unet),
         "base_pruned_ema_is_ours.ckpt": base_model({**weights, **other_unet}, ema_unet=unet),
@@ -73,6 +75,7 @@ def whole_image(files: dict[str, Path]) -> np.ndarray:
         ("control.pth", "base_pruned.ckpt", {}),  # non-EMA, the default
         ("control.pth", "base_pruned_ema_is_ours.ckpt", {"base_ema": True}),
         ("control.pth", "base_emaonly.safetensors", {}),
+        ("control.pth", "base_community.safetensors", {}),
         ("difference.safetensors", "base_emaonly.safetensors", {}),
         ("whole_other_sd.pth", "base_emaonly.safetensors", {}),  # the base replaces the file's UNet, VAE, CLIP
     ],
