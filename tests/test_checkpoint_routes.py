@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 import cpu_canny2image
-from cldm.checkpoint import CheckpointError, save_checkpoint
+from cldm.checkpoint import CheckpointError, load_state_dict, save_checkpoint
 from cldm.model import load_model
+from ldm.memory import cast_releasing
 from tests.routes import (
     PARAMS,
     REPO,
@@ -242,3 +243,20 @@ def test_scripts_model_choice_with_base(tmp_path: Path, monkeypatch: pytest.Monk
         share.choose_model(base="b.ckpt")
     share.DEFAULT_CKPT.write_bytes(b"")  # downloaded: the whole 1.0 file with another base
     assert share.choose_model(base="b.ckpt").ckpt == share.DEFAULT_CKPT
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_cast_releasing_pages_out_each_half_precision_source(tmp_path: Path, suffix: str) -> None:
+    """A mapped 64 MiB float16 file cast to float32 adds 128 MiB of copies and drops the 64 MiB it read."""
+    path = tmp_path / f"half{suffix}"
+    halves = {f"w{i}": torch.randn(2**20, generator=torch.Generator().manual_seed(i)).half() for i in range(32)}
+    save_checkpoint(halves, path)
+    mapped = load_state_dict(path)
+    assert sum(float(v.float().sum()) for v in mapped.values())  # every page read
+    status = Path("/proc/self/status")
+    resident = [int(line.split()[1]) / 1024 for line in status.read_text().splitlines() if line.startswith("VmRSS")]
+    cast = cast_releasing(mapped, lambda key: torch.float32)
+    grown = [int(line.split()[1]) / 1024 for line in status.read_text().splitlines() if line.startswith("VmRSS")]
+    assert all(torch.equal(cast[k], v.float()) for k, v in halves.items())
+    assert grown[0] - resident[0] < 128 - 48  # without paging out: +128 MiB
