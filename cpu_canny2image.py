@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cldm.pipeline import CannyParams
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
     from ldm.models.taesd import SPEC_HELP as VAE_DECODER_HELP
-    from share import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, DEMO_SCALE
+    from share import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, DEMO_SCALE, add_base_arguments
 
     d = CannyParams()
     p = argparse.ArgumentParser(description="Canny edge map -> image with Stable Diffusion 1.5 + ControlNet.")
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-threshold", type=int, default=d.low_threshold, help="Canny low threshold (1-255)")
     p.add_argument("--high-threshold", type=int, default=d.high_threshold, help="Canny high threshold (1-255)")
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {DEFAULT_CKPT.relative_to(REPO)})")
+    add_base_arguments(p)
     p.add_argument("--config", default=None, help=f"model config (default: {DEFAULT_CONFIG.relative_to(REPO)})")
     p.add_argument("--demo", action="store_true", help="run the tiny trained circle demo (models/cldm_tiny.yaml)")
     p.add_argument("-o", "--output-dir", default="outputs", help="where PNGs are written (default: %(default)s)")
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from share import choose_model
 
     try:
-        choice = choose_model(args.ckpt, args.config, args.demo)
+        choice = choose_model(args.ckpt, args.config, args.demo, args.base)
         if choice.notice:
             print(choice.notice, file=sys.stderr)
         config, ckpt = choice.config, choice.ckpt
@@ -135,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         out_dir = check_writable_dir(args.output_dir)  # before the slow load and sampling
         start = time.perf_counter()
         pipe = Canny2Image.from_checkpoint(config, ckpt, device, low_memory=args.low_memory,
-                                           path=path_from_args(args), vae_decoder=args.vae_decoder)
+                                           path=path_from_args(args), vae_decoder=args.vae_decoder,
+                                           base_ckpt=choice.base, base_ema=args.base_ema)
         print(f"loaded {ckpt} ({config.name}) on {device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
     from ldm.models.taesd import SPEC_HELP as VAE_DECODER_HELP
+    from share import add_base_arguments
 
     p = argparse.ArgumentParser(description="Gradio page: Canny edge map -> image with SD1.5 + ControlNet.")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest upload accepted, in MB (2^20 bytes; default: %(default)s)",
     )
     p.add_argument("--ckpt", default=None, help="checkpoint (default: models/control_sd15_canny.pth)")
+    add_base_arguments(p)
     p.add_argument("--config", default=None, help="model config (default: models/cldm_v15.yaml)")
     p.add_argument("--demo", action="store_true", help="serve the tiny trained circle demo (models/cldm_tiny.yaml)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     from share import DEMO_IMAGE, choose_model, demo_params, describe_demo
 
     try:
-        choice = choose_model(args.ckpt, args.config, args.demo)
+        choice = choose_model(args.ckpt, args.config, args.demo, args.base)
         notice = None
         if choice.demo:
             notice = choice.notice or describe_demo()
@@ -279,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
                                           low_memory=args.low_memory, path=path_from_args(args),
-                                          vae_decoder=args.vae_decoder)  # fmt: skip
+                                          vae_decoder=args.vae_decoder, base_ckpt=choice.base,
+                                          base_ema=args.base_ema)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ the tools import it.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,27 +73,49 @@ def missing_checkpoint_message(ckpt: Path) -> str:
     )
 
 
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scripts' flags for a Stable Diffusion base model: ``--base`` and ``--base-ema``."""
+    parser.add_argument("--base", default=None, metavar="SD15_MODEL",
+                        help="Stable Diffusion 1.5 model (e.g. v1-5-pruned.ckpt) for a ControlNet-only --ckpt "
+                             "(ControlNet 1.1, fp16 .safetensors, difference files); with a whole ControlNet 1.0 "
+                             "file its UNet, VAE and text encoder replace the file's")  # fmt: skip
+    parser.add_argument("--base-ema", action="store_true",
+                        help="use the base's EMA UNet weights (model_ema.*, in v1-5-pruned.ckpt) instead of its "
+                             "model.diffusion_model.* (the default, as ControlNet 1.1)")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ModelChoice:
-    """Which config and checkpoint to load; ``notice`` says why the demo runs when it was not asked for."""
+    """Which config and checkpoint to load (``base``: a Stable Diffusion base for it, ``--base``); ``notice`` says
+    why the demo runs when it was not asked for."""
 
     config: Path
     ckpt: Path
     demo: bool
     notice: str | None = None
+    base: Path | None = None
 
 
-def choose_model(ckpt: str | Path | None = None, config: str | Path | None = None, demo: bool = False) -> ModelChoice:
-    """The scripts' model choice: ``--demo``, an explicit ``--ckpt``, the real checkpoint, else the demo.
+def choose_model(
+    ckpt: str | Path | None = None, config: str | Path | None = None, demo: bool = False, base: str | Path | None = None
+) -> ModelChoice:
+    """The scripts' model choice: ``--demo``, an explicit ``--ckpt`` (with ``--base``), the real checkpoint, else
+    the demo.
 
-    ``ValueError`` when both ``--demo`` and ``--ckpt`` are given (the demo has its own checkpoint)."""
-    if demo and ckpt is not None:
-        raise ValueError(f"--demo and --ckpt {ckpt} cannot be combined: --demo runs {repo_relative(DEMO_CKPT)}; "
-                         "drop one of them")  # fmt: skip
+    ``ValueError`` when ``--demo`` is given with ``--ckpt`` or ``--base`` (the demo has its own checkpoint), or
+    ``--base`` without ``--ckpt`` while the default checkpoint is missing."""
+    for flag, value in (("--ckpt", ckpt), ("--base", base)):
+        if demo and value is not None:
+            raise ValueError(f"--demo and {flag} {value} cannot be combined: --demo runs "
+                             f"{repo_relative(DEMO_CKPT)}; drop one of them")  # fmt: skip
     if demo:
         return ModelChoice(Path(config or TINY_CONFIG), demo_checkpoint(), True)
+    base = Path(base) if base is not None else None
     if ckpt is not None:
-        return ModelChoice(Path(config or DEFAULT_CONFIG), Path(ckpt), False)
+        return ModelChoice(Path(config or DEFAULT_CONFIG), Path(ckpt), False, base=base)
     if DEFAULT_CKPT.is_file():
-        return ModelChoice(Path(config or DEFAULT_CONFIG), DEFAULT_CKPT, False)
+        return ModelChoice(Path(config or DEFAULT_CONFIG), DEFAULT_CKPT, False, base=base)
+    if base is not None:
+        raise ValueError(f"--base {base} is the Stable Diffusion model for a ControlNet: pass the ControlNet file "
+                         "with --ckpt (e.g. models/control_v11p_sd15_canny.pth)")  # fmt: skip
     return ModelChoice(Path(config or TINY_CONFIG), demo_checkpoint(), True, missing_checkpoint_message(DEFAULT_CKPT))

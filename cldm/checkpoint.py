@@ -954,3 +954,139 @@ def save_diffusers_controlnet(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+# --- key families: what a file holds, and files this project cannot use ---------------------------------------
+
+EMA_PREFIX = "model_ema."
+# A "difference" ControlNet: this scalar key, and control_model.X stored as (ControlNet - SD1.5 UNet) for every X
+# the UNet also has (time_embed, input_blocks, middle_block); the UNet in use is added back when loading.
+DIFFERENCE_KEY = "difference"
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_PREFIX = "conditioner.embedders."
+# The Stable Diffusion parts a ControlLDM needs besides its ControlNet: (name for messages, key prefix).
+SD_PARTS = (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
+# label_emb inputs of SDXL's base UNet (and its ControlNets): pooled text embedding + size/crop embeddings.
+SDXL_ADM_CHANNELS = 2816
+# Cross-attention widths (the text encoder's hidden size) of the public model families.
+FAMILY_OF_WIDTH = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+INPAINT_CHANNELS = 9  # latent 4 + mask 1 + masked-image latent 4
+# LoRA files: kohya-style key prefixes (UNet, text encoders), and the low-rank pairs of other trainers (PEFT).
+LORA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+LORA_MARKS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.")
+
+
+def ema_key(key: str) -> str:
+    """The key under which the reference's ``LitEma`` stores the EMA copy of UNet weight ``key``:
+    ``model.diffusion_model.X`` -> ``model_ema.diffusion_modelX`` with every ``.`` removed (buffer names cannot
+    hold dots), e.g. ``model_ema.diffusion_modelinput_blocks00weight``."""
+    return EMA_PREFIX + key.removeprefix("model.").replace(".", "")
+
+
+def _any(keys: list[str], test: Callable[[str], bool]) -> bool:
+    return any(map(test, keys))
+
+
+def foreign_kind(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """When a file holds weights of a kind this project does not run: what it is, the keys that show it, and
+    what to pass instead (e.g. ``"a T2I-Adapter (keys body.*, conv_in.*), not a ControlNet: ..."``); ``None``
+    for anything else. Kinds: Control-LoRA, LoRA, T2I-Adapter, IP-Adapter, diffusers-keyed ControlNet weights
+    (a single file), SDXL (ControlNet or base)."""
+    keys = list(state_dict)
+    other = "not a ControlNet: --ckpt takes a ControlNet file (control_model.* keys)"
+    if "lora_controlnet" in state_dict:
+        return "a Control-LoRA (key lora_controlnet, low-rank *.up/*.down weights), which this project does not run"
+    if _any(keys, lambda k: k.startswith(LORA_PREFIXES) or any(mark in k for mark in LORA_MARKS)):
+        return f"a LoRA (keys lora_unet_*/lora_te_* or *.lora_A/*.lora_B), changes to a base model, {other}"
+    if "controlnet_cond_embedding.conv_in.weight" in state_dict:
+        return ("a diffusers ControlNet's weights (keys controlnet_cond_embedding.*): pass the folder that holds "
+                "them with their config.json")
+    if _any(keys, lambda k: k.removeprefix("adapter.").startswith("body.") or k == "style_embedding"):
+        return f"a T2I-Adapter (keys body.*, conv_in.*), {other}"
+    if _any(keys, lambda k: k.startswith(("ip_adapter.", "image_proj."))):
+        return f"an IP-Adapter (keys ip_adapter.*, image_proj.*), {other}"
+    family = model_family(state_dict)
+    if family is not None and family[0] == "SDXL":
+        return f"an SDXL model ({family[1]}); this project runs SD1.x and SD2.x models"
+    return None
+
+
+def cross_attention_width(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The width of the text embedding the cross-attention layers read (``attn2.to_k`` input features: 768
+    for SD1.x, 1024 for SD2.x, 2048 for SDXL), or ``None`` when the state dict has no such layer."""
+    key = next((k for k in state_dict if k.endswith("attn2.to_k.weight")), None)
+    return None if key is None else int(state_dict[key].shape[-1])
+
+
+def model_family(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """``(family, evidence)``: which model family the keys show ("SD1.x", "SD2.x" or "SDXL") and the keys or
+    shapes that show it, from the text encoder's keys first, else the label embedding and cross-attention
+    width; ``None`` when nothing tells (e.g. a small test model's ControlNet alone)."""
+    keys = list(state_dict)
+    if _any(keys, lambda k: k.startswith(SDXL_PREFIX)):
+        return "SDXL", f"keys {SDXL_PREFIX}*"
+    for prefix in (UNET_PREFIX, CONTROL_PREFIX):
+        label = state_dict.get(prefix + "label_emb.0.0.weight")
+        if label is not None and label.shape[-1] == SDXL_ADM_CHANNELS:
+            return "SDXL", f"label_emb with {SDXL_ADM_CHANNELS} inputs"
+    if _any(keys, lambda k: k.startswith(OPENCLIP_PREFIX)):
+        return "SD2.x", f"OpenCLIP text encoder {OPENCLIP_PREFIX}*"
+    if _any(keys, lambda k: k.startswith(CLIP_PREFIX)):
+        return "SD1.x", f"CLIP text encoder {CLIP_PREFIX}*"
+    width = cross_attention_width(state_dict)
+    if width in FAMILY_OF_WIDTH:
+        return FAMILY_OF_WIDTH[width], f"{width}-dim cross-attention"
+    return None
+
+
+def input_channels(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The latent channels the UNet (else the ControlNet) takes: its first conv's input channels (4; 9 for an
+    inpainting UNet), or ``None`` when the state dict has neither."""
+    for prefix in (UNET_PREFIX, CONTROL_PREFIX):
+        weight = state_dict.get(prefix + "input_blocks.0.0.weight")
+        if weight is not None and weight.dim() == 4:
+            return int(weight.shape[1])
+    return None
+
+
+@dataclass(frozen=True)
+class Contents:
+    """Which parts of a ControlLDM a state dict (reference keys) holds."""
+
+    control: bool  # control_model.*
+    unet: bool  # model.diffusion_model.*
+    ema: bool  # model_ema.* (the reference's EMA copy of the UNet)
+    vae: bool  # first_stage_model.*
+    text: bool  # cond_stage_model.*
+    difference: bool  # the "difference" key: control_model.* hold ControlNet - UNet
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, torch.Tensor]) -> Contents:
+        keys = list(state_dict)
+
+        def has(prefix: str) -> bool:
+            return _any(keys, lambda k: k.startswith(prefix))
+
+        return cls(has(CONTROL_PREFIX), has(UNET_PREFIX), has(EMA_PREFIX + "diffusion_model"), has(VAE_PREFIX),
+                   has(TEXT_PREFIX), DIFFERENCE_KEY in state_dict)  # fmt: skip
+
+    @property
+    def stable_diffusion(self) -> bool:
+        """Whether it holds a Stable Diffusion UNet (plain or EMA)."""
+        return self.unet or self.ema
+
+
+def add_difference(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """A "difference" ControlNet made whole: every ``control_model.X`` whose ``model.diffusion_model.X`` is in
+    ``state_dict`` (the UNet in use) becomes their sum, computed and returned in float32; the other keys are
+    the same objects and the ``difference`` key is dropped. The keys added are those the ControlNet copies from
+    the UNet (``time_embed``, ``input_blocks``, ``middle_block``); the hint encoder and zero convs are kept."""
+    out = {}
+    for key, value in state_dict.items():
+        if key == DIFFERENCE_KEY:
+            continue
+        unet = state_dict.get(control_source_key(key)) if key.startswith(CONTROL_PREFIX) else None
+        out[key] = value if unet is None else value.float() + unet.float()
+    return out

@@ -8,7 +8,8 @@ Checkpoint files and key layouts live in :mod:`cldm.checkpoint`, memory measures
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,26 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from cldm.checkpoint import CheckpointError, check_folder_config, check_state_dict
+from cldm.checkpoint import (
+    CONTROL_PREFIX,
+    EMA_PREFIX,
+    INPAINT_CHANNELS,
+    SD_PARTS,
+    UNET_PREFIX,
+    CheckpointError,
+    Contents,
+    StateDict,
+    add_difference,
+    check_folder_config,
+    check_state_dict,
+    cross_attention_width,
+    ema_key,
+    foreign_kind,
+    input_channels,
+    model_family,
+)
 from cldm.checkpoint import load_state_dict as load_state_dict  # the reference API: from cldm.model import ...
-from ldm.memory import LOW_MEMORY_DTYPE, compute_in_float32
+from ldm.memory import LOW_MEMORY_DTYPE, cast_releasing, compute_in_float32
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import ConfigError, check_config, instantiate_from_config
 
@@ -134,48 +152,199 @@ def matching_configs(state_dict: Mapping[str, torch.Tensor], config_path: Path, 
     return found
 
 
+def configs_like(state_dict: Mapping[str, torch.Tensor], config_path: Path) -> list[Path]:
+    """The yaml configs next to ``config_path``, itself excluded, whose model (built on the meta device) is of the
+    same family (:func:`~cldm.checkpoint.model_family`) and cross-attention width as ``state_dict``: the configs
+    a file of another family than ``config_path``'s could use."""
+    wanted = (model_family(state_dict), cross_attention_width(state_dict))
+    found = []
+    for candidate in sorted(config_path.parent.glob("*.yaml")):
+        if candidate.resolve() == config_path.resolve():
+            continue
+        try:
+            with torch.device("meta"):
+                expected = instantiate_from_config(model_config(candidate)).state_dict()
+        except Exception:  # noqa: BLE001 - a hint only: a yaml that is no model config is skipped
+            continue
+        family = model_family(expected)
+        if (family and family[0], cross_attention_width(expected)) == (wanted[0] and wanted[0][0], wanted[1]):
+            found.append(candidate)
+    return found
+
+
+def check_usable(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], name: str, config_path: Path
+) -> None:
+    """Raise :class:`~cldm.checkpoint.CheckpointError`, one line naming ``name`` (the file), when ``state_dict``
+    is weights of a kind this project does not run (:func:`~cldm.checkpoint.foreign_kind`: SDXL, LoRA,
+    Control-LoRA, T2I-Adapter, ...), of another model family than the config's model (``expected``: its state
+    dict; the message says which family the keys show, and a config next to ``config_path`` that fits), or an
+    inpainting UNet (9 input channels) for a 4-channel model."""
+    kind = foreign_kind(state_dict)
+    if kind is not None:
+        raise CheckpointError(f"{name}: {kind}")
+    found, wanted = model_family(state_dict), model_family(expected)
+    if found and wanted and found[0] != wanted[0]:
+        fits = configs_like(state_dict, config_path)
+        hint = f": pass --config {_shown(fits[0])}" if fits else ""
+        raise CheckpointError(f"{name}: the keys show an {found[0]} model ({found[1]}); {_shown(config_path)} is "
+                              f"an {wanted[0]} config ({wanted[1]}){hint}")  # fmt: skip
+    channels, own = input_channels(state_dict), input_channels(expected)
+    if channels == INPAINT_CHANNELS and own != INPAINT_CHANNELS:
+        raise CheckpointError(f"{name}: an inpainting UNet (input_blocks.0.0 takes {channels} channels: latent, "
+                              f"mask and masked image); this model takes {own}: use a non-inpainting one")  # fmt: skip
+
+
+def _read(path: str | os.PathLike, expected: Mapping[str, torch.Tensor], config_path: Path) -> StateDict:
+    state_dict = load_state_dict(path)
+    check_usable(state_dict, expected, str(path), config_path)
+    return state_dict
+
+
+def _base_unet(
+    base: Mapping[str, torch.Tensor], unet_keys: list[str], use_ema: bool, name: str
+) -> tuple[StateDict, str]:
+    """The UNet tensors of a base file under ``model.diffusion_model.*`` (``use_ema``: its EMA copy, ``model_ema.*``,
+    where it has one) and a sentence saying which were used."""
+    has_ema = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in base)
+    if use_ema and has_ema:
+        missing = [ema_key(k) for k in unet_keys if ema_key(k) not in base]
+        if missing:
+            raise CheckpointError(f"{name}: its EMA weights lack {len(missing)} UNet tensors ({missing[0]}, ...)")
+        return {k: base[ema_key(k)] for k in unet_keys}, "its EMA weights (model_ema.*, as --base-ema asks)"
+    unet = {k: v for k, v in base.items() if k.startswith(UNET_PREFIX)}
+    if has_ema:
+        return unet, "model.diffusion_model.* (non-EMA weights, the default as in ControlNet 1.1; --base-ema: EMA)"
+    if use_ema:
+        return unet, "model.diffusion_model.* (--base-ema: the file has no separate EMA copy, model_ema.*)"
+    return unet, "model.diffusion_model.* (the file has no separate EMA copy)"
+
+
+def compose_state_dict(
+    expected: Mapping[str, torch.Tensor],
+    config_path: str | os.PathLike,
+    ckpt_path: str | os.PathLike,
+    base_ckpt: str | os.PathLike | None = None,
+    base_ema: bool = False,
+    notify: Callable[[str], None] | None = None,
+) -> tuple[StateDict, str]:
+    """The state dict (reference keys) a ControlLDM with state dict ``expected`` loads from ``ckpt_path`` and
+    an optional Stable Diffusion ``base_ckpt``, and the name to report problems under.
+
+    Routes, by the keys of the files (both memory-mapped; the tensors are the files', not copies):
+
+    - a whole ControlNet 1.0 file (``control_model.*`` and the UNet, VAE and text encoder) alone: as it is;
+    - a whole file with ``base_ckpt``: its ``control_model.*``, the UNet, VAE and text encoder from the base
+      (those the base lacks from the whole file);
+    - a ControlNet-only file (``control_model.*``: ControlNet 1.1, fp16 re-saves) with ``base_ckpt``: composed;
+    - a "difference" ControlNet: its ``control_model.*`` plus the UNet in use
+      (:func:`~cldm.checkpoint.add_difference`).
+
+    The base's UNet is ``model.diffusion_model.*`` (non-EMA in ``v1-5-pruned.ckpt``, the default, as ControlNet
+    1.1 loads it) or, with ``base_ema``, its ``model_ema.*`` copy (LitEma's dotless keys); ``notify`` (default:
+    a line on stderr) is told which. Raises :class:`~cldm.checkpoint.CheckpointError`, one line naming the file,
+    for the kinds :func:`check_usable` refuses, a base file given as the ControlNet, a ControlNet-only file
+    without a base (naming ``--base``), and a base without a UNet.
+    """
+    config_path = Path(config_path)
+    ckpt = _read(ckpt_path, expected, config_path)
+    has = Contents.of(ckpt)
+    if not has.control and has.stable_diffusion:
+        raise CheckpointError(f"{ckpt_path}: a Stable Diffusion model without a ControlNet (no control_model.* "
+                              "keys): pass it as --base and a ControlNet file as --ckpt")  # fmt: skip
+    if base_ckpt is None:
+        if has.control and not (has.unet or has.vae or has.text):
+            raise CheckpointError(f"{ckpt_path}: a ControlNet alone (control_model.* only): it needs a Stable "
+                                  "Diffusion 1.5 base model, e.g. v1-5-pruned.ckpt: pass it with --base")  # fmt: skip
+        return (add_difference(ckpt) if has.difference else ckpt), str(ckpt_path)
+    base = _read(base_ckpt, expected, config_path)
+    if not Contents.of(base).stable_diffusion:
+        raise CheckpointError(f"{base_ckpt}: no Stable Diffusion UNet in it (model.diffusion_model.* or model_ema.*):"
+                              " --base needs a Stable Diffusion model such as v1-5-pruned.ckpt")  # fmt: skip
+    unet_keys = [k for k in expected if k.startswith(UNET_PREFIX)]
+    unet, which = _base_unet(base, unet_keys, base_ema, str(base_ckpt))
+    sd_prefixes = tuple(prefix for _, prefix in SD_PARTS)
+    # the ControlNet, and keys of no part (the difference flag; unknown keys, which check_state_dict will name)
+    composed = {k: v for k, v in ckpt.items() if k.startswith(CONTROL_PREFIX) or not k.startswith(sd_prefixes)
+                and k not in expected}  # fmt: skip
+    taken = []
+    for part, prefix in SD_PARTS:
+        tensors = unet if prefix == UNET_PREFIX else {k: v for k, v in base.items() if k.startswith(prefix)}
+        if tensors:
+            taken.append(part)
+        else:
+            tensors = {k: v for k, v in ckpt.items() if k.startswith(prefix)}
+        composed.update(tensors)
+    # the schedule buffers and other keys of no part: the base's, else the ControlNet file's, else (schedule
+    # buffers, which many base files lack) the model's own: it keeps its own values whatever a file holds
+    for key in (k for k in expected if not k.startswith((CONTROL_PREFIX, *sd_prefixes))):
+        value = base.get(key, ckpt.get(key, expected[key] if key in SCHEDULE_BUFFERS else None))
+        if value is not None:
+            composed[key] = value
+    replaced = f", replacing those of {ckpt_path}" if has.unet or has.vae or has.text else ""
+    (notify or _to_stderr)(f"base {base_ckpt}: {', '.join(taken)}{replaced}; UNet from {which}")
+    name = f"{ckpt_path} with base {base_ckpt}"
+    return (add_difference(composed) if has.difference else composed), name
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def load_model(
     config_path: str | os.PathLike,
     ckpt_path: str | os.PathLike,
     device: torch.device | str = "cpu",
     low_memory: bool = False,
     base: bool = False,
+    base_ckpt: str | os.PathLike | None = None,
+    base_ema: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """Build the config's model (``base``: its base model without the ControlNet) and load ``ckpt_path``
-    into it without a second copy of the weights.
+    """Build the config's model (``base``: its base model without the ControlNet) and load ``ckpt_path`` (with a
+    Stable Diffusion ``base_ckpt`` for a ControlNet-only file, or to replace a whole file's UNet, VAE and text
+    encoder; ``base_ema``: the base's EMA UNet weights; see :func:`compose_state_dict`, which ``notify`` about
+    the base) into it without a second copy of the weights.
 
-    The model is created on the meta device, the checkpoint is memory-mapped and its tensors become
-    the parameters (cast to float32 where the file holds another precision). With ``low_memory`` the
-    parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
+    The model is created on the meta device, the checkpoints are memory-mapped and their tensors become
+    the parameters (cast to float32, tensor by tensor, where a file holds another precision). With ``low_memory``
+    the parameters are held in bfloat16 (half the RAM; a bfloat16 checkpoint is mapped as is) and every
     layer computes in float32 (:func:`ldm.memory.compute_in_float32`); buffers stay float32. Returns the model
     in eval mode on ``device``. The noise schedule is always the config's (float64 -> float32), whatever the
     file holds. Raises :class:`~cldm.checkpoint.CheckpointError` on any config or checkpoint problem, including
-    a NaN or infinite weight (:func:`check_finite`, which reads the whole file once); when the checkpoint's keys
-    and shapes do not fit the config but fit another yaml next to it (:func:`matching_configs`), the message
-    names that config.
+    a file of a kind or model family the config cannot use (:func:`check_usable`), a ControlNet-only file without
+    ``base_ckpt``, and a NaN or infinite weight (:func:`check_finite`, which reads the loaded tensors once); when
+    the checkpoint's keys and shapes do not fit the config but fit another yaml next to it
+    (:func:`matching_configs`), the message names that config. ``ValueError`` for ``base_ckpt`` with ``base``.
     """
     config = model_config(config_path, base)
-    check_folder_config(ckpt_path, config, str(config_path))  # a diffusers folder's config.json vs the yaml
-    state_dict = load_state_dict(ckpt_path)
+    for path in (ckpt_path, base_ckpt):  # a diffusers folder's config.json vs the yaml (nothing for a file)
+        if path is not None:
+            check_folder_config(path, config, str(config_path))
     with torch.device("meta"):
         model = build_model(config, config_path)
+    expected = model.state_dict()
+    if base:
+        if base_ckpt is not None:
+            raise ValueError("base_ckpt is for a ControlNet model; the base model (base=True) loads one file")
+        state_dict, name = _read(ckpt_path, expected, Path(config_path)), str(ckpt_path)
+    else:
+        state_dict, name = compose_state_dict(expected, config_path, ckpt_path, base_ckpt, base_ema, notify)
     try:
-        check_state_dict(model, state_dict, str(ckpt_path))
+        check_state_dict(model, state_dict, name)
     except CheckpointError as err:
         matches = matching_configs(state_dict, Path(config_path), base)
         if not matches:
             raise
         shown = _shown(matches[0])
         raise CheckpointError(f"{err}; it matches {shown}: pass --config {shown}") from None
-    check_finite(state_dict, str(ckpt_path))
+    check_finite(state_dict, name)
     params = {name for name, _ in model.named_parameters()}
 
     def target(name: str) -> torch.dtype:
         return LOW_MEMORY_DTYPE if low_memory and name in params else torch.float32
 
-    state_dict = {
-        k: v.to(target(k)) if v.is_floating_point() and v.dtype != target(k) else v for k, v in state_dict.items()
-    }
+    state_dict = cast_releasing(state_dict, target)
     model.load_state_dict(state_dict, strict=True, assign=True)  # keeps the config's schedule, not the file's
     _materialize_nonpersistent(model)
     if low_memory:

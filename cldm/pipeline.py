@@ -263,11 +263,16 @@ class Canny2Image:
     def from_checkpoint(
         cls, config: str | Path, ckpt: str | Path, device: torch.device, low_memory: bool = False,
         path: InferencePath | str = "fast", vae_decoder: TAESDDecoder | str | None = None,
+        base_ckpt: str | Path | None = None, base_ema: bool = False, notify: Callable[[str], None] | None = None,
     ) -> Canny2Image:  # fmt: skip
-        """Load the model (``low_memory``: bfloat16 weights, float32 compute) and wrap it (``path``: see
-        :mod:`cldm.inference`; ``vae_decoder``: see :class:`Canny2Image`, a TAESD file read before the model)."""
+        """Load the model (``low_memory``: bfloat16 weights, float32 compute; ``base_ckpt``, ``base_ema``,
+        ``notify``: the Stable Diffusion base, see :func:`cldm.model.load_model`) and wrap it (``path``: see
+        :mod:`cldm.inference`; ``vae_decoder``: see :class:`Canny2Image`, a TAESD file read before the model).
+        Raises :class:`~cldm.checkpoint.CheckpointError` as ``load_model``."""
         decoder = decoder_from_spec(vae_decoder)
-        return cls(load_model(config, ckpt, device=device, low_memory=low_memory), device, path, decoder)
+        model = load_model(config, ckpt, device=device, low_memory=low_memory, base_ckpt=base_ckpt,
+                           base_ema=base_ema, notify=notify)  # fmt: skip
+        return cls(model, device, path, decoder)
 
     def _done_with(self, *modules: torch.nn.Module) -> None:
         if self.path.page_out:

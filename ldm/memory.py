@@ -4,7 +4,8 @@ and glibc's allocator settings.
 * :func:`compute_in_float32`: weights stored in bfloat16 (half the RAM), every layer computes in float32
   with per-call float32 copies; installed by ``cldm.model.load_model(..., low_memory=True)``.
 * :func:`release_mapped_weights`: drop the RAM pages of weights memory-mapped from a checkpoint once a
-  stage is done; the kernel reads them back when they are next used.
+  stage is done; the kernel reads them back when they are next used. :func:`cast_releasing`: a mapped state
+  dict cast tensor by tensor, each copied tensor's pages dropped at once.
 * :func:`return_freed_memory`, :func:`keep_freed_memory`, :func:`tune_allocator`: process-wide glibc settings
   for freed host memory (given back to the OS, or kept for reuse).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,16 +96,39 @@ def release_mapped_weights(*modules: nn.Module) -> int:
     holds one stage's weights at a time (text encoder, UNet + ControlNet, VAE). Tensors in ordinary memory are
     left alone. Mapped weights must not have been modified in place (the file's values come back). Returns
     the bytes released; 0 off Linux."""
+    tensors = [t for module in modules for t in [*module.parameters(), *module.buffers()]]
+    return _release(tensors, _file_mappings())
+
+
+def cast_releasing(
+    state_dict: Mapping[str, torch.Tensor], dtype_of: Callable[[str], torch.dtype]
+) -> dict[str, torch.Tensor]:
+    """Each floating tensor of ``state_dict`` in ``dtype_of(key)`` (the same tensor when it has that dtype),
+    tensor by tensor; the RAM pages of a memory-mapped tensor that was copied are dropped at once, so casting a
+    mapped half-precision checkpoint never holds both precisions of all its weights. Keys unchanged."""
     spans = _file_mappings()
+    out = {}
+    for key, tensor in state_dict.items():
+        dtype = dtype_of(key)
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            out[key] = tensor.to(dtype)
+            _release([tensor], spans)
+        else:
+            out[key] = tensor
+    return out
+
+
+def _release(tensors: list[torch.Tensor], spans: list[tuple[int, int]]) -> int:
+    """``madvise(MADV_DONTNEED)`` the whole pages of the tensors' CPU storages that lie in one of the file
+    mappings ``spans``; the bytes released."""
     if not spans:
         return 0
     page = os.sysconf("SC_PAGE_SIZE")
     storages = {}
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            storage = tensor.untyped_storage()
-            if tensor.device.type == "cpu" and storage.nbytes():
-                storages[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if tensor.device.type == "cpu" and storage.nbytes():
+            storages[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
     libc = ctypes.CDLL(None, use_errno=True)
     released = 0
     for start, end in sorted(storages.items()):
