@@ -32,6 +32,7 @@ from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.modules.encoders.modules import clip_text_config
 from tests.conftest import TINY_CONFIG
 from tests.diffusers_port import controlnet_config, convert_to_diffusers
+from tests.routes import assert_same_image, quiet, route_image
 from tools import convert_checkpoint
 from tools.make_random_checkpoint import fill_zero_parameters
 
@@ -157,6 +158,21 @@ def test_pipeline_folder_gives_the_model_of_the_whole_file(folders: dict, whole_
     """``load_model`` on the folder builds the model of the whole 1.0 file, tensor for tensor (hence the same
     image for the same seed)."""
     same(load_model(TINY_CONFIG, folders["pipeline"]).state_dict(), load_model(TINY_CONFIG, whole_file).state_dict())
+
+
+def test_controlnet_folder_with_a_pipeline_folder_as_base_gives_the_whole_files_image(
+    folders: dict, whole_file: Path, tmp_path: Path
+) -> None:
+    """The diffusers users' route: ``--ckpt`` a ControlNet folder (here in the hub cache layout) ``--base`` an SD
+    pipeline folder without a ControlNet: the model of the whole 1.0 file, and its image for the same seed."""
+    base = tmp_path / "sd15"
+    base.mkdir()
+    for item in ("model_index.json", "unet", "vae", "text_encoder"):
+        (base / item).symlink_to(folders["pipeline"] / item)
+    controlnet = hub_cache(folders["controlnet"], tmp_path)
+    model = load_model(TINY_CONFIG, controlnet, base_ckpt=base, notify=quiet)
+    same(model.state_dict(), load_model(TINY_CONFIG, whole_file).state_dict())
+    assert_same_image(route_image(controlnet, base_ckpt=base), route_image(whole_file))
 
 
 @pytest.mark.parametrize("name", ["controlnet", "pipeline"])
