@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,16 +95,21 @@ def release_mapped_weights(*modules: nn.Module) -> int:
     holds one stage's weights at a time (text encoder, UNet + ControlNet, VAE). Tensors in ordinary memory are
     left alone. Mapped weights must not have been modified in place (the file's values come back). Returns
     the bytes released; 0 off Linux."""
+    return release_mapped_tensors(t for module in modules for t in [*module.parameters(), *module.buffers()])
+
+
+def release_mapped_tensors(tensors: Iterable[torch.Tensor]) -> int:
+    """:func:`release_mapped_weights` for the given tensors (e.g. mapped weights a model no longer holds, read once
+    to compute their replacements). Returns the bytes released; 0 off Linux."""
     spans = _file_mappings()
     if not spans:
         return 0
     page = os.sysconf("SC_PAGE_SIZE")
     storages = {}
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            storage = tensor.untyped_storage()
-            if tensor.device.type == "cpu" and storage.nbytes():
-                storages[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if tensor.device.type == "cpu" and storage.nbytes():
+            storages[storage.data_ptr()] = storage.data_ptr() + storage.nbytes()
     libc = ctypes.CDLL(None, use_errno=True)
     released = 0
     for start, end in sorted(storages.items()):
