@@ -26,6 +26,7 @@ DEFAULT_PROMPT = "an astronaut in a white space suit, best quality"
 
 def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
+    from cldm.lora import add_lora_arguments
     from cldm.pipeline import CannyParams
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
     from share import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, DEMO_SCALE
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add_inference_arguments(p)
+    add_lora_arguments(p)
     return p
 
 
@@ -132,8 +134,11 @@ def run(args: argparse.Namespace) -> int:
         out_dir = check_writable_dir(args.output_dir)  # before the slow load and sampling
         start = time.perf_counter()
         pipe = Canny2Image.from_checkpoint(config, ckpt, device, low_memory=args.low_memory,
-                                           path=path_from_args(args))
+                                           path=path_from_args(args), loras=args.lora,
+                                           lora_controlnet=args.lora_controlnet)  # fmt: skip
         print(f"loaded {ckpt} ({config.name}) on {device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        for fused in pipe.loras:
+            print(f"lora: {fused.summary()}", file=sys.stderr)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -29,6 +29,7 @@ TITLE = "Control Stable Diffusion with Canny Edge Maps"
 
 def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
+    from cldm.lora import add_lora_arguments
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
 
     p = argparse.ArgumentParser(description="Gradio page: Canny edge map -> image with SD1.5 + ControlNet.")
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add_inference_arguments(p)
+    add_lora_arguments(p)
     return p
 
 
@@ -163,11 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
-                                          low_memory=args.low_memory, path=path_from_args(args))  # fmt: skip
+                                          low_memory=args.low_memory, path=path_from_args(args), loras=args.lora,
+                                          lora_controlnet=args.lora_controlnet)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"loaded {choice.ckpt} ({choice.config.name})", file=sys.stderr)
+    if pipe.loras:  # fused at load: the page says which
+        said = "LoRA: " + "; ".join(fused.summary() for fused in pipe.loras)
+        print(said, file=sys.stderr)
+        notice = f"{notice}\n\n{said}" if notice else said
     if choice.demo:
         page = build_page(pipe, notice, demo_params(), DEMO_IMAGE)
     else:

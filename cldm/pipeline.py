@@ -10,7 +10,7 @@ import random
 import struct
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from annotator.util import HWC3, resize_image
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
 from cldm.inference import InferencePath, use_path
+from cldm.lora import FusedLora, apply_loras
 from cldm.model import load_model
 from ldm.memory import release_mapped_weights
 from ldm.models.diffusion.sampling import SAMPLERS, sampling_steps
@@ -180,15 +181,23 @@ class Canny2Image:
         self.device = device
         self.path = use_path(model, path)
         self.apply_canny = CannyDetector()
+        self.loras: list[FusedLora] = []  # LoRA files fused into the model (from_checkpoint's loras)
 
     @classmethod
     def from_checkpoint(
         cls, config: str | Path, ckpt: str | Path, device: torch.device, low_memory: bool = False,
-        path: InferencePath | str = "fast",
+        path: InferencePath | str = "fast", loras: Sequence[tuple[str | Path, float]] = (),
+        lora_controlnet: bool = False,
     ) -> Canny2Image:  # fmt: skip
-        """Load the model (``low_memory``: bfloat16 weights, float32 compute) and wrap it (``path``: see
-        :mod:`cldm.inference`)."""
-        return cls(load_model(config, ckpt, device=device, low_memory=low_memory), device, path)
+        """Load the model (``low_memory``: bfloat16 weights, float32 compute), fuse ``loras`` ((file, scale) pairs
+        in order, :func:`cldm.lora.apply_lora`; ``lora_controlnet``: the ControlNet's copies too; the reports in
+        ``.loras``) and wrap it (``path``: see :mod:`cldm.inference`). A LoRA file that cannot be used raises
+        :class:`cldm.lora.LoraError` (a ``ValueError``) naming it."""
+        model = load_model(config, ckpt, device=device, low_memory=low_memory)
+        fused = apply_loras(model, loras, controlnet=lora_controlnet)
+        pipe = cls(model, device, path)
+        pipe.loras = fused
+        return pipe
 
     def _done_with(self, *modules: torch.nn.Module) -> None:
         if self.path.page_out:
