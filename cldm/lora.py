@@ -200,12 +200,12 @@ def unet_diffusers_names(unet: nn.Module) -> dict[str, str]:
             index = 0 if kind == "upsamplers" else j
             pairs.append((f"output_blocks.{i}.{k}.", f"up_blocks.{level}.{kind}.{index}.", kind == "resnets"))
     pairs += [("out.0.", "conv_norm_out.", False), ("out.2.", "conv_out.", False)]
-    paths = [name for name, _ in _fusable(unet)]
+    paths = [name for name, _ in fusable_layers(unet)]
     renamed = _rename({p + ".": p for p in paths}, pairs, RESNET_PARTS, "ldm")  # values: the ldm paths
     return {ldm: diffusers[:-1] for diffusers, ldm in renamed.items()}
 
 
-def _fusable(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def fusable_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, layer) of the linear layers and 2-D convolutions a LoRA can change."""
     for name, layer in module.named_modules():
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
@@ -223,7 +223,7 @@ def lora_targets(model: nn.Module, controlnet: bool = False) -> dict[str, list[T
     table: dict[str, list[Target]] = {}
     unet = model.model.diffusion_model
     copy = getattr(model, "control_model", None) if controlnet else None
-    copies = dict(_fusable(copy)) if copy is not None else {}
+    copies = dict(fusable_layers(copy)) if copy is not None else {}
     for path, diffusers in unet_diffusers_names(unet).items():
         targets = [(UNET_PREFIX + path, unet.get_submodule(path))]
         if path in copies:
@@ -233,7 +233,7 @@ def lora_targets(model: nn.Module, controlnet: bool = False) -> dict[str, list[T
             table[name] = targets
     text = getattr(model.cond_stage_model, "transformer", None)
     if text is not None and hasattr(text, "text_model"):
-        for path, layer in _fusable(text):
+        for path, layer in fusable_layers(text):
             targets = [(CLIP_PREFIX + path, layer)]
             for name in (KOHYA_TEXT + path.replace(".", "_"), DIFFUSERS_TEXT + path,
                          DIFFUSERS_TEXT + path.removeprefix("text_model.")):  # fmt: skip

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cldm.lora import LoraError, _fusable, apply_lora, lora_targets, parse_lora_arg, unet_diffusers_names
+from cldm.lora import LoraError, apply_lora, fusable_layers, lora_targets, parse_lora_arg, unet_diffusers_names
 from cldm.model import create_model, load_model
 from tests.conftest import TINY_CONFIG
 from tools.make_random_checkpoint import fill_zero_parameters
@@ -105,9 +105,9 @@ def random_layers(model: torch.nn.Module, names: dict[str, str], seed: int, text
     text-encoder layer (transformers path), random, ranks 2 and 4 alternating."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    modules = [("unet", names[p], layer) for p, layer in _fusable(model.model.diffusion_model) if only(p)]
+    modules = [("unet", names[p], layer) for p, layer in fusable_layers(model.model.diffusion_model) if only(p)]
     if text:
-        modules += [("text", p, layer) for p, layer in _fusable(model.cond_stage_model.transformer)]
+        modules += [("text", p, layer) for p, layer in fusable_layers(model.cond_stage_model.transformer)]
     for i, (component, path, layer) in enumerate(modules):
         down, up = lora_shapes(layer.weight, 2 + 2 * (i % 2))
         out.append((component, path, torch.randn(down, generator=g) * 0.1, torch.randn(up, generator=g) * 0.1))
@@ -163,7 +163,7 @@ def assert_matches_diffusers(base: torch.nn.Module, inputs: dict, lora: Path, sc
 def test_unet_names_are_diffusers_modules(base: torch.nn.Module, names: dict[str, str]) -> None:
     """Every UNet linear/conv layer has a diffusers module of the same weight shape."""
     unet = diffusers_pipe(base).unet
-    assert len(names) == len(list(_fusable(base.model.diffusion_model))) > 200
+    assert len(names) == len(list(fusable_layers(base.model.diffusion_model))) > 200
     for ldm, module in names.items():
         assert unet.get_submodule(module).weight.shape == base.model.diffusion_model.get_submodule(ldm).weight.shape
 
@@ -261,6 +261,12 @@ def test_only_touched_parameters_are_replaced(mapped_model: torch.nn.Module, nam
                                 f"{len(touched) - text} in the UNet)")  # fmt: skip
 
 
+def copied_layers(model: torch.nn.Module) -> set[str]:
+    """Paths of the linear/conv layers the ControlNet copies from the UNet."""
+    unet = {p for p, _ in fusable_layers(model.model.diffusion_model)}
+    return {p for p, _ in fusable_layers(model.control_model)} & unet
+
+
 def test_controlnet_copies_change_only_when_asked(
     base: torch.nn.Module, names: dict, inputs: dict, tmp_path: Path
 ) -> None:
@@ -278,8 +284,7 @@ def test_controlnet_copies_change_only_when_asked(
     for key in shared:
         assert (after[key] - before[key] - (unet_after[key] - unet_before[key])).abs().max() < 1e-6, key
     assert all(torch.equal(after[k], before[k]) for k in before if k not in unet_before)  # hint encoder, zero convs
-    copies = {p for p, _ in _fusable(base.control_model)} & {p for p, _ in _fusable(base.model.diffusion_model)}
-    assert sum(not torch.equal(after[k], before[k]) for k in shared) == len(copies) > 50
+    assert sum(not torch.equal(after[k], before[k]) for k in shared) == len(copied_layers(base)) > 50
 
 
 def test_low_memory_weights_stay_bfloat16(tiny_ckpt: Path, names: dict, tmp_path: Path) -> None:
@@ -331,13 +336,12 @@ def test_unmatched_keys_raise_and_change_nothing(base: torch.nn.Module, names: d
 
 def test_lora_targets_cover_unet_and_text_encoder(base: torch.nn.Module) -> None:
     table = lora_targets(base)
-    unet = len(list(_fusable(base.model.diffusion_model)))
-    text = len(list(_fusable(base.cond_stage_model.transformer)))
+    unet = len(list(fusable_layers(base.model.diffusion_model)))
+    text = len(list(fusable_layers(base.cond_stage_model.transformer)))
     assert len({id(t[0][1]) for t in table.values()}) == unet + text
     assert all(len(t) == 1 for t in table.values())
-    shared = {p for p, _ in _fusable(base.control_model)} & {p for p, _ in _fusable(base.model.diffusion_model)}
     with_copies = lora_targets(base, controlnet=True)
-    assert len({id(t) for t in with_copies.values() if len(t) == 2}) == len(shared) > 50
+    assert len({id(t) for t in with_copies.values() if len(t) == 2}) == len(copied_layers(base)) > 50
 
 
 @pytest.mark.parametrize(
@@ -378,7 +382,7 @@ def test_cli_lora_changes_the_image_and_scale_0_does_not(
     capsys: pytest.CaptureFixture, tiny_ckpt: Path, base: torch.nn.Module, names: dict, tmp_path: Path
 ) -> None:
     lora = write_kohya(tmp_path / "l.safetensors", random_layers(base, names, seed=13), {"unet": 4.0, "text": 4.0})
-    layers = len(names) + len(list(_fusable(base.cond_stage_model.transformer)))
+    layers = len(names) + len(list(fusable_layers(base.cond_stage_model.transformer)))
     images = {}
     for label, extra in (("none", []), ("zero", ["--lora", f"{lora}:0"]), ("half", ["--lora", f"{lora}:0.5"])):
         code, out, err = run_cli(capsys, *cli_args(tiny_ckpt, tmp_path / label, *extra))
