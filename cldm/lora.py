@@ -9,9 +9,10 @@ Layouts (``.safetensors`` read with the ``safetensors`` library; ``.ckpt``/``.pt
   or this project's ldm path (``lora_unet_input_blocks_1_1_proj_in``); for the text encoder transformers'
   CLIP path (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``).
 * diffusers / PEFT: ``unet.<diffusers module path>.lora_A.weight`` / ``.lora_B.weight`` (also spelt
-  ``.lora.down.weight`` / ``.lora.up.weight`` or ``.lora_linear_layer.down.weight`` / ``.up.weight``) and
-  ``text_encoder.<module path>``; the alphas come from ``.alpha`` keys or the file's ``lora_adapter_metadata``
-  (``lora_alpha``, ``alpha_pattern``, ``use_rslora``), else alpha = rank.
+  ``.lora.down.weight`` / ``.lora.up.weight``, ``.lora_linear_layer.down.weight`` / ``.up.weight``, or the
+  attention-processor ``.processor.to_q_lora.down.weight``) and ``text_encoder.<module path>``; the alphas
+  come from ``.alpha`` keys or the file's ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``,
+  ``use_rslora``), else alpha = rank.
 
 Fusing: ``W <- W + scale * alpha / rank * up @ down`` (``sqrt(rank)`` with ``use_rslora``) for each matched
 linear layer and 1x1 or 3x3 convolution (LoCon), computed in float32 and stored in the layer's dtype (bfloat16
@@ -63,6 +64,11 @@ PARTS = {
     ".lora.down.weight": "down", ".lora.up.weight": "up",  # diffusers before PEFT
     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",  # diffusers text encoder
 }  # fmt: skip
+# diffusers' attention-processor spelling (before PEFT): ``<attn>.processor.to_q_lora.down.weight`` in the UNet,
+# ``<self_attn>.to_q_lora.down.weight`` in the text encoder; read as ``<module>.lora.down.weight``.
+OLD_ATTENTION = re.compile(r"(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+OLD_UNET_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+OLD_TEXT_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry (the PEFT LoraConfig per component)
 # The UNet encoder half's ldm prefixes (the ControlNet copies these layers).
 UNET_ENCODER = ("time_embed.", "input_blocks.", "middle_block.")
@@ -141,6 +147,7 @@ def read_lora(path: str | os.PathLike) -> dict[str, LoraLayer]:
     layers: dict[str, LoraLayer] = {}
     unknown = []
     for key, value in state_dict.items():
+        key = _current_spelling(key)
         suffix = next((s for s in PARTS if key.endswith(s)), None)
         if suffix is None:
             unknown.append(key)
@@ -159,6 +166,16 @@ def read_lora(path: str | os.PathLike) -> dict[str, LoraLayer]:
         raise LoraError(f"{path}: {len(incomplete)} LoRA layers lack their down or up weight ({_shorten(incomplete)})")
     _alphas_from_metadata(layers, _metadata(path), path)
     return layers
+
+
+def _current_spelling(key: str) -> str:
+    """``key`` with diffusers' attention-processor spelling (:data:`OLD_ATTENTION`) rewritten to the module's
+    own name and ``.lora.down/up.weight``; other keys unchanged."""
+    found = OLD_ATTENTION.search(key)
+    if found is None:
+        return key
+    names = OLD_TEXT_NAMES if key.startswith(DIFFUSERS_TEXT) else OLD_UNET_NAMES
+    return f"{key[: found.start()]}.{names[found[1]]}.lora.{found[2]}.weight"
 
 
 def _alphas_from_metadata(layers: dict[str, LoraLayer], metadata: Mapping[str, Any], path: Path) -> None:

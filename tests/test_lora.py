@@ -195,6 +195,27 @@ def test_peft_layout_without_metadata_matches_diffusers(
     assert_matches_diffusers(base, inputs, write_peft(tmp_path / "peft.safetensors", layers), 0.5)
 
 
+def test_attention_processor_layout_matches_diffusers(
+    base: torch.nn.Module, names: dict, inputs: dict, tmp_path: Path
+) -> None:
+    """diffusers' layout before PEFT: ``unet.<attn>.processor.to_q_lora.down.weight``,
+    ``text_encoder.<self_attn>.to_q_lora.down.weight`` (attention projections only)."""
+    unet = {".to_q": "to_q", ".to_k": "to_k", ".to_v": "to_v", ".to_out.0": "to_out"}
+    text = {".q_proj": "to_q", ".k_proj": "to_k", ".v_proj": "to_v", ".out_proj": "to_out"}
+    tensors = {}
+    for component, module, down, up in random_layers(base, names, seed=14):
+        table, prefix = (unet, "unet.") if component == "unet" else (text, "text_encoder.")
+        end = next((e for e in table if module.endswith(e)), None)
+        if end is None:
+            continue
+        attn = module[: -len(end)] + (".processor" if component == "unet" else "")
+        for part, tensor in (("down", down), ("up", up)):
+            tensors[f"{prefix}{attn}.{table[end]}_lora.{part}.weight"] = tensor
+    assert len(tensors) > 100
+    safetensors_torch.save_file(tensors, str(tmp_path / "processor.safetensors"))
+    assert_matches_diffusers(base, inputs, tmp_path / "processor.safetensors", 0.9)
+
+
 def test_per_layer_alphas_follow_the_kohya_formula(base: torch.nn.Module, names: dict, tmp_path: Path) -> None:
     """W + scale * alpha / rank * up @ down with each layer's own alpha and rank (conv layers included)."""
     layers = random_layers(base, names, seed=12)
