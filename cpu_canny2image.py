@@ -26,6 +26,7 @@ DEFAULT_PROMPT = "an astronaut in a white space suit, best quality"
 
 def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
+    from cldm.lora import add_lora_arguments
     from cldm.pipeline import CannyParams
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
     from ldm.models.taesd import SPEC_HELP as VAE_DECODER_HELP
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH", help=VAE_DECODER_HELP)
     add_inference_arguments(p)
+    add_lora_arguments(p)
     return p
 
 
@@ -137,8 +139,11 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         pipe = Canny2Image.from_checkpoint(config, ckpt, device, low_memory=args.low_memory,
                                            path=path_from_args(args), vae_decoder=args.vae_decoder,
-                                           base_ckpt=choice.base, base_ema=args.base_ema)
+                                           base_ckpt=choice.base, base_ema=args.base_ema,
+                                           loras=args.lora, lora_controlnet=args.lora_controlnet)  # fmt: skip
         print(f"loaded {ckpt} ({config.name}) on {device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        for fused in pipe.loras:
+            print(f"lora: {fused.summary()}", file=sys.stderr)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -35,6 +35,7 @@ INPUTS = ("input_image", "prompt", "a_prompt", "n_prompt", "num_samples", "image
 
 def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
+    from cldm.lora import add_lora_arguments
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
     from ldm.models.taesd import SPEC_HELP as VAE_DECODER_HELP
     from share import add_base_arguments
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH", help=VAE_DECODER_HELP)
     add_inference_arguments(p)
+    add_lora_arguments(p)
     return p
 
 
@@ -282,11 +284,16 @@ def main(argv: list[str] | None = None) -> int:
         pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
                                           low_memory=args.low_memory, path=path_from_args(args),
                                           vae_decoder=args.vae_decoder, base_ckpt=choice.base,
-                                          base_ema=args.base_ema)  # fmt: skip
+                                          base_ema=args.base_ema,
+                                          loras=args.lora, lora_controlnet=args.lora_controlnet)  # fmt: skip
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"loaded {choice.ckpt} ({choice.config.name})", file=sys.stderr)
+    if pipe.loras:  # fused at load: the page says which
+        said = "LoRA: " + "; ".join(fused.summary() for fused in pipe.loras)
+        print(said, file=sys.stderr)
+        notice = f"{notice}\n\n{said}" if notice else said
     if choice.demo:
         page = build_page(pipe, notice, demo_params(), DEMO_IMAGE)
     else:

@@ -10,7 +10,7 @@ import random
 import struct
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +24,7 @@ from annotator.util import HWC3, resize_image, resized_shape
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
 from cldm.inference import InferencePath, use_path
+from cldm.lora import FusedLora, apply_loras
 from cldm.model import load_model
 from ldm.memory import release_mapped_weights
 from ldm.models.diffusion.sampling import SAMPLERS, sampling_steps
@@ -258,21 +259,28 @@ class Canny2Image:
             raise ValueError(f"--vae-decoder: a TAESD decoder for {decoder.latent_channels}-channel latents, the "
                              f"model's have {model.first_stage_model.embed_dim}")  # fmt: skip
         self.vae_decoder = None if decoder is None else decoder.to(device)
+        self.loras: list[FusedLora] = []  # LoRA files fused into the model (from_checkpoint's loras)
 
     @classmethod
     def from_checkpoint(
         cls, config: str | Path, ckpt: str | Path, device: torch.device, low_memory: bool = False,
         path: InferencePath | str = "fast", vae_decoder: TAESDDecoder | str | None = None,
         base_ckpt: str | Path | None = None, base_ema: bool = False, notify: Callable[[str], None] | None = None,
+        loras: Sequence[tuple[str | Path, float]] = (), lora_controlnet: bool = False,
     ) -> Canny2Image:  # fmt: skip
         """Load the model (``low_memory``: bfloat16 weights, float32 compute; ``base_ckpt``, ``base_ema``,
-        ``notify``: the Stable Diffusion base, see :func:`cldm.model.load_model`) and wrap it (``path``: see
-        :mod:`cldm.inference`; ``vae_decoder``: see :class:`Canny2Image`, a TAESD file read before the model).
-        Raises :class:`~cldm.checkpoint.CheckpointError` as ``load_model``."""
+        ``notify``: the Stable Diffusion base, see :func:`cldm.model.load_model`), fuse ``loras`` ((file, scale)
+        pairs in order, :func:`cldm.lora.apply_lora`; ``lora_controlnet``: the ControlNet's copies too; the reports
+        in ``.loras``) and wrap it (``path``: see :mod:`cldm.inference`; ``vae_decoder``: see :class:`Canny2Image`,
+        a TAESD file read before the model). Raises :class:`~cldm.checkpoint.CheckpointError` as ``load_model``,
+        and :class:`cldm.lora.LoraError` (a ``ValueError``) naming a LoRA file that cannot be used."""
         decoder = decoder_from_spec(vae_decoder)
         model = load_model(config, ckpt, device=device, low_memory=low_memory, base_ckpt=base_ckpt,
                            base_ema=base_ema, notify=notify)  # fmt: skip
-        return cls(model, device, path, decoder)
+        fused = apply_loras(model, loras, controlnet=lora_controlnet)
+        pipe = cls(model, device, path, decoder)
+        pipe.loras = fused
+        return pipe
 
     def _done_with(self, *modules: torch.nn.Module) -> None:
         if self.path.page_out:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +96,13 @@ def release_mapped_weights(*modules: nn.Module) -> int:
     holds one stage's weights at a time (text encoder, UNet + ControlNet, VAE). Tensors in ordinary memory are
     left alone. Mapped weights must not have been modified in place (the file's values come back). Returns
     the bytes released; 0 off Linux."""
-    tensors = [t for module in modules for t in [*module.parameters(), *module.buffers()]]
-    return _release(tensors, _file_mappings())
+    return release_mapped_tensors(t for module in modules for t in [*module.parameters(), *module.buffers()])
+
+
+def release_mapped_tensors(tensors: Iterable[torch.Tensor]) -> int:
+    """:func:`release_mapped_weights` for the given tensors (e.g. mapped weights a model no longer holds, read once
+    to compute their replacements). Returns the bytes released; 0 off Linux."""
+    return _release(list(tensors), _file_mappings())
 
 
 def cast_releasing(
