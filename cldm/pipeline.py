@@ -1,7 +1,8 @@
 """Canny-to-image generation: the pipeline shared by ``cpu_canny2image.py`` and the Gradio page.
 
 Same steps and defaults as the reference ``gradio_canny2image.py``'s ``process``: resize, Canny,
-CLIP text encoding, DDIM with classifier-free guidance over UNet + ControlNet, VAE decode.
+CLIP text encoding, DDIM (or another sampler of :data:`ldm.models.diffusion.sampling.SAMPLERS`) with
+classifier-free guidance over UNet + ControlNet, VAE decode.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from cldm.guidance import CFGDenoiser
 from cldm.inference import InferencePath, use_path
 from cldm.model import load_model
 from ldm.memory import release_mapped_weights
-from ldm.models.diffusion.sampling import SAMPLERS, sampling_steps
+from ldm.models.diffusion.sampling import check_sampler, check_steps, sample, sampling_steps
 from ldm.util import seed_everything
 
 MAX_SEED = 2**31 - 1
@@ -33,7 +34,9 @@ MAX_SEED = 2**31 - 1
 
 @dataclass
 class CannyParams:
-    """The reference demo's controls, with its defaults and ranges."""
+    """The reference demo's controls, with its defaults and ranges, and the sampler: a name of
+    :data:`~ldm.models.diffusion.sampling.SAMPLERS` (``ddim``, the reference's, by default), with its own range of
+    ``ddim_steps`` (:data:`~ldm.models.diffusion.sampling.MAX_STEPS`); ``eta`` is DDIM's only."""
 
     prompt: str = ""
     a_prompt: str = "best quality, extremely detailed"
@@ -52,6 +55,7 @@ class CannyParams:
     eta: float = 0.0
     low_threshold: int = 100
     high_threshold: int = 200
+    sampler: str = "ddim"
 
     RANGES = {
         "num_samples": (1, 12),
@@ -71,11 +75,22 @@ class CannyParams:
         return f"{self.prompt}, {self.a_prompt}" if self.a_prompt else self.prompt
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first out-of-range parameter."""
+        """Raise ``ValueError`` naming the first out-of-range parameter (an unknown sampler, a step count outside
+        the sampler's range, a non-zero ``eta`` with a sampler other than DDIM)."""
         for name, (lo, hi) in self.RANGES.items():
             value = getattr(self, name)
             if not lo <= value <= hi:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be between {lo} and {hi}, got {value}")
+        try:
+            check_sampler(self.sampler)
+        except ValueError as err:
+            raise ValueError(f"sampler (--sampler): {err}") from None
+        try:
+            check_steps(self.sampler, self.ddim_steps)
+        except ValueError as err:
+            raise ValueError(f"ddim_steps (--ddim-steps): {err}") from None
+        if self.eta and self.sampler != "ddim":
+            raise ValueError(f"eta (--eta) applies to the ddim sampler only, got {self.eta} with {self.sampler}")
         if self.low_threshold > self.high_threshold:
             raise ValueError(
                 f"low_threshold ({self.low_threshold}) must not exceed high_threshold ({self.high_threshold})"
@@ -204,9 +219,10 @@ class Canny2Image:
             notify(f"{said}: the text encoder reads the first {encoder.max_length} (start and end included), "
                    "the rest is ignored")  # fmt: skip
 
-    def sampling_steps(self, ddim_steps: int) -> int:
-        """Denoiser steps a run of ``ddim_steps`` takes (the reference's DDIM schedule visits 31 for 30)."""
-        return sampling_steps("ddim", ddim_steps, self.model.num_timesteps)
+    def sampling_steps(self, ddim_steps: int, sampler: str = "ddim") -> int:
+        """Denoiser steps a run of ``ddim_steps`` with ``sampler`` takes (the reference's DDIM schedule visits 31
+        for 30; the other samplers take ``ddim_steps``)."""
+        return sampling_steps(sampler, ddim_steps, self.model.num_timesteps)
 
     def edges(self, input_image: np.ndarray, params: CannyParams) -> np.ndarray:
         """Resized HWC uint8 Canny edge map (white edges on black), as fed to the ControlNet."""
@@ -243,9 +259,11 @@ class Canny2Image:
                                         uncond_hint=params.uncond_hint, cache=self.path.reuse_hint)  # fmt: skip
         denoise = CFGDenoiser(model, cond, uncond, params.scale, [control], batch_cfg=self.path.batch_cfg)
         x_t = torch.randn((n, 4, height // 8, width // 8), device=self.device)
-        samples = SAMPLERS["ddim"](denoise, x_t, model.alphas_cumprod, params.ddim_steps, eta=params.eta,
-                                   callback=None if callback is None else lambda i, x, x0: callback(i),
-                                   progress=progress)  # fmt: skip
+        # euler_a's and lcm's step noise: the seeded CPU stream, continued after the start noise
+        step_noise = torch.Generator().set_state(torch.get_rng_state())
+        samples = sample(params.sampler, denoise, x_t, model.alphas_cumprod, params.ddim_steps, eta=params.eta,
+                         generator=step_noise, callback=None if callback is None else lambda i, x, x0: callback(i),
+                         progress=progress)  # fmt: skip
         self._done_with(model.model, model.control_model)
         x_samples = model.decode_first_stage(samples)
         self._done_with(model.first_stage_model)

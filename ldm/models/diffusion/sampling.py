@@ -287,15 +287,16 @@ def sample_unipc(
     alphas_cumprod: torch.Tensor,
     steps: int,
     *,
+    karras: bool = False,
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """UniPC (Zhao et al., arXiv 2302.04867), B(h) = e^h - 1 ("bh2"), data prediction, order 2 with the first and
     the last step at order 1, the corrector after every step but the last (one denoiser call per step). Equals
     diffusers' ``UniPCMultistepScheduler`` defaults (``solver_type="bh2"``, ``predict_x0=True``, ``solver_order=2``,
-    ``lower_order_final``). Steps: 1 to T - 2. Deterministic."""
-    check_steps("unipc", steps, len(alphas_cumprod))
-    timesteps, sigmas = multistep_schedule(alphas_cumprod, steps)
+    ``lower_order_final``); ``karras``: its ``use_karras_sigmas=True``. Steps: 1 to T - 2. Deterministic."""
+    check_steps("unipc_karras" if karras else "unipc", steps, len(alphas_cumprod))
+    timesteps, sigmas = multistep_schedule(alphas_cumprod, steps, karras)
     total = len(timesteps)
     x0s: list[torch.Tensor] = []
     x_prev, order = x, 0
@@ -386,6 +387,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": partial(sample_dpmpp_2m, karras=True),
     "unipc": sample_unipc,
+    "unipc_karras": partial(sample_unipc, karras=True),
     "euler_a": sample_euler_ancestral,
     "lcm": sample_lcm,
 }
@@ -397,6 +399,7 @@ MAX_STEPS: dict[str, Callable[[int], int]] = {
     "dpmpp_2m": lambda total: total - 2,
     "dpmpp_2m_karras": lambda total: total - 2,
     "unipc": lambda total: total - 2,
+    "unipc_karras": lambda total: total - 2,
     "euler_a": lambda total: total - 1,
     "lcm": lambda total: LCM_ORIGINAL_STEPS,
 }
