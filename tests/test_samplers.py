@@ -8,7 +8,7 @@ schedule and the update. diffusers is a test-only dependency: those tests are sk
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,16 @@ DIFFUSERS = {
 STOCHASTIC = ("euler_a", "lcm")
 CASES = [("dpmpp_2m", 1), ("dpmpp_2m", 4), ("dpmpp_2m", 10), ("dpmpp_2m_karras", 10), ("unipc", 1), ("unipc", 3),
          ("unipc", 10), ("unipc_karras", 10), ("euler_a", 10), ("lcm", 1), ("lcm", 4)]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: on a shared 2-core machine the tiny model's small ops run many times faster than with
+    two (both loops of a comparison run alike)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +205,6 @@ def test_same_seed_same_images(tiny_model: torch.nn.Module, name: str) -> None:
     assert np.array_equal(first, second)
 
 
-@pytest.mark.slow
 def test_cli_sampler_writes_the_api_image(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     """``--demo --sampler dpmpp_2m --ddim-steps 10`` writes the image the Python API gives for the same settings."""
     code = cpu_canny2image.main(["--demo", "--sampler", "dpmpp_2m", "--ddim-steps", "10", "--seed", "4",
