@@ -57,11 +57,13 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def denoiser(tiny_model: torch.nn.Module) -> Callable:
-    """Guided eps (scale 7.5) of the random tiny model with a ControlNet, batch 2 at latent 8 x 8."""
+    """Guided eps (scale 3) of the random tiny model with a ControlNet, batch 2 at latent 8 x 8. The random model's
+    final latents reach |x| of 40-50 (float32 steps of 4e-6 there); at guidance 7.5 the differences come within 1e-5
+    of the tolerance, at 3 they stay under 4e-5."""
     g = torch.Generator().manual_seed(11)
     cond, uncond = torch.randn(2, 77, 32, generator=g), torch.randn(2, 77, 32, generator=g)
     control = Control(tiny_model.control_model, torch.rand(2, 3, 64, 64, generator=g), [1.0] * 13)
-    return CFGDenoiser(tiny_model, cond, uncond, 7.5, [control])
+    return CFGDenoiser(tiny_model, cond, uncond, 3.0, [control])
 
 
 def recording(denoise: Callable, seen: list[int]) -> Callable:
