@@ -246,3 +246,19 @@ def test_cli_unknown_sampler_lists_the_names(capsys: pytest.CaptureFixture) -> N
     assert exit_.value.code == 2
     names = ", ".join(f"'{name}'" for name in SAMPLERS)
     assert f"argument --sampler: invalid choice: 'dpm' (choose from {names})" in capsys.readouterr().err
+
+
+def test_page_passes_the_sampler(tiny_model: torch.nn.Module) -> None:
+    """The page's process takes the sampler after the reference's inputs: lcm at 3 steps reports 3 steps (DDIM's
+    schedule would visit 4), and an eta with it is a page error."""
+    gr = pytest.importorskip("gradio")
+    import gradio_canny2image
+
+    progress_calls: list[tuple[int, int]] = []
+    process = gradio_canny2image.make_process(Canny2Image(tiny_model, torch.device("cpu")))
+    inputs = [str(DEMO_IMAGE), "a", "", "", 1, 64, 3, False, 1.0, 1.0, 7, 0.0, 100, 200]
+    results = process(*inputs, "lcm", progress=lambda done, desc=None, unit="steps": progress_calls.append(done))
+    assert len(results) == 2 and progress_calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    inputs[11] = 0.3  # eta
+    with pytest.raises(gr.Error, match="eta \\(--eta\\) applies to the ddim sampler only, got 0.3 with lcm"):
+        process(*inputs, "lcm", progress=lambda *args, **kwargs: None)
