@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ddim-steps", "--steps", dest="ddim_steps", type=int, default=d.ddim_steps,
                    help=f"sampling steps (default: {d.ddim_steps}; lcm: 1-{MAX_STEPS['lcm'](1000)})")
     p.add_argument("--sampler", default=d.sampler, choices=list(SAMPLERS),
-                   help="sampler (default: %(default)s, the reference's; dpmpp_2m/unipc: good images in 10-20 steps; "
-                        "lcm: for LCM-distilled weights)")  # fmt: skip
+                   help="sampler (default: %(default)s, the reference's; what each is and its steps: "
+                        "docs/samplers.md)")  # fmt: skip
     p.add_argument("--guess-mode", action="store_true", help="guess mode: no prompt needed, control drives")
     p.add_argument("--strength", "--control-strength", dest="strength", type=float, default=d.strength,
                    help="control strength (0-2)")
