@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cldm.lora import add_lora_arguments
     from cldm.pipeline import CannyParams
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
+    from ldm.models.diffusion.sampling import MAX_STEPS, SAMPLERS
     from ldm.models.taesd import SPEC_HELP as VAE_DECODER_HELP
     from share import DEFAULT_CKPT, DEFAULT_CONFIG, DEMO_IMAGE, DEMO_PROMPT, DEMO_SCALE, add_base_arguments
 
@@ -44,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, default=d.num_samples, help="images to generate (1-12)")
     p.add_argument("--image-resolution", type=int, default=None,
                    help="short side in pixels, rounded to a multiple of 64 (default 512; demo: 64)")
-    p.add_argument("--ddim-steps", "--steps", dest="ddim_steps", type=int, default=d.ddim_steps, help="DDIM steps")
+    p.add_argument("--ddim-steps", "--steps", dest="ddim_steps", type=int, default=d.ddim_steps,
+                   help=f"sampling steps (default: {d.ddim_steps}; lcm: 1-{MAX_STEPS['lcm'](1000)})")
+    p.add_argument("--sampler", default=d.sampler, choices=list(SAMPLERS),
+                   help="sampler (default: %(default)s, the reference's; what each is and its steps: "
+                        "docs/samplers.md)")  # fmt: skip
     p.add_argument("--guess-mode", action="store_true", help="guess mode: no prompt needed, control drives")
     p.add_argument("--strength", "--control-strength", dest="strength", type=float, default=d.strength,
                    help="control strength (0-2)")
@@ -53,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncond-hint", action=argparse.BooleanOptionalAction, default=None,
                    help="give the hint to the unconditional pass too (default: on, as the reference; demo: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed, -1 for a random one")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (0 = deterministic; ddim only)")
     p.add_argument("--low-threshold", type=int, default=d.low_threshold, help="Canny low threshold (1-255)")
     p.add_argument("--high-threshold", type=int, default=d.high_threshold, help="Canny high threshold (1-255)")
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {DEFAULT_CKPT.relative_to(REPO)})")
@@ -105,7 +110,7 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
     params = CannyParams(**{
         **base.to_dict(), **{k: v for k, v in given.items() if v is not None},
         "num_samples": args.num_samples, "ddim_steps": args.ddim_steps, "guess_mode": args.guess_mode,
-        "strength": args.strength, "seed": args.seed, "eta": args.eta,
+        "strength": args.strength, "seed": args.seed, "eta": args.eta, "sampler": args.sampler,
         "low_threshold": args.low_threshold, "high_threshold": args.high_threshold,
     })  # fmt: skip
     input_path = Path(args.input) if args.input else (DEMO_IMAGE if demo else DEFAULT_IMAGE)

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 
 TITLE = "Control Stable Diffusion with Canny Edge Maps"
 NO_IMAGE = "No input image: upload an image first."
-# The page's inputs, in the reference's order (the parameters of ``process``).
+# The page's inputs: the reference's, in its order, then the sampler's name (the parameters of ``process``).
 INPUTS = ("input_image", "prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps",
-          "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold")  # fmt: skip
+          "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold", "sampler")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 def checked_request(
     uncond_hint: bool, input_image: str | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
     image_resolution: float, ddim_steps: float, guess_mode: bool, strength: float, scale: float, seed: float,
-    eta: float, low_threshold: float, high_threshold: float,
+    eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim",
 ) -> tuple[str, CannyParams]:  # fmt: skip
-    """The page's inputs (the reference's order) as ``(image path, CannyParams)``, checked without decoding the
+    """The page's inputs (:data:`INPUTS`) as ``(image path, CannyParams)``, checked without decoding the
     image: parameters in range, the image present and readable, its output within the size bound (from the
     file's header: :func:`cldm.pipeline.image_size`). ``ValueError`` with the message the page shows."""
     from cldm.pipeline import CannyParams, image_size
@@ -91,7 +91,7 @@ def checked_request(
         image_resolution=int(image_resolution), ddim_steps=int(ddim_steps), guess_mode=bool(guess_mode),
         uncond_hint=uncond_hint,
         strength=float(strength), scale=float(scale), seed=int(seed), eta=float(eta or 0.0),
-        low_threshold=int(low_threshold), high_threshold=int(high_threshold),
+        low_threshold=int(low_threshold), high_threshold=int(high_threshold), sampler=sampler or "ddim",
     )  # fmt: skip
     params.validate()
     params.output_size(*image_size(input_image), image_name=Path(input_image).name)
@@ -121,9 +121,9 @@ def make_validator(uncond_hint: bool = True) -> Callable[..., list[dict]]:
 
 
 def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., list]:
-    """The page's ``process`` (same inputs, in the same order, as the reference's), bound to ``pipe``;
-    ``uncond_hint``: whether the unconditional pass gets the hint too (the reference: yes; the tiny demo: no).
-    It checks the request again (:func:`checked_request`), for calls that skip the validator."""
+    """The page's ``process`` (the inputs of :data:`INPUTS`, in that order), bound to ``pipe``; ``uncond_hint``:
+    whether the unconditional pass gets the hint too (the reference: yes; the tiny demo: no). It checks the
+    request again (:func:`checked_request`), for calls that skip the validator."""
     import gradio as gr
 
     from cldm.pipeline import read_image
@@ -131,22 +131,23 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
     def process(
         input_image: str | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
         image_resolution: float, ddim_steps: float, guess_mode: bool, strength: float, scale: float,
-        seed: float, eta: float, low_threshold: float, high_threshold: float,
+        seed: float, eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim",
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to inject the page's progress bar
     ) -> list:  # fmt: skip
         """Returns ``[255 - edge map, sample_1, ...]`` as HWC uint8 arrays, or shows an error on the page."""
         try:
             path, params = checked_request(uncond_hint, input_image, prompt, a_prompt, n_prompt, num_samples,
                                            image_resolution, ddim_steps, guess_mode, strength, scale, seed, eta,
-                                           low_threshold, high_threshold)  # fmt: skip
+                                           low_threshold, high_threshold, sampler)  # fmt: skip
             image = read_image(path, notify=gr.Info)  # an animation: the page says the first frame is used
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        steps = pipe.sampling_steps(params.ddim_steps)
-        progress((0, steps), desc="DDIM sampling", unit="steps")
+        steps = pipe.sampling_steps(params.ddim_steps, params.sampler)
+        desc = f"{params.sampler.upper()} sampling"
+        progress((0, steps), desc=desc, unit="steps")
 
         def on_step(i: int) -> None:
-            progress((i + 1, steps), desc="DDIM sampling", unit="steps")
+            progress((i + 1, steps), desc=desc, unit="steps")
 
         try:
             results, _ = pipe(image, params, callback=on_step, notify=gr.Warning)
@@ -165,6 +166,7 @@ def build_page(
     import gradio as gr
 
     from cldm.pipeline import MAX_SEED, CannyParams
+    from ldm.models.diffusion.sampling import SAMPLERS
 
     d = defaults or CannyParams()
     with gr.Blocks(title="ControlNet canny", analytics_enabled=False) as page:
@@ -191,6 +193,7 @@ def build_page(
                     high_threshold = gr.Slider(label="Canny high threshold", minimum=1, maximum=255,
                                                value=d.high_threshold, step=1)  # fmt: skip
                     ddim_steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=d.ddim_steps, step=1)
+                    sampler = gr.Dropdown(label="Sampler", choices=list(SAMPLERS), value=d.sampler)
                     scale = gr.Slider(label="Guidance Scale", minimum=0.1, maximum=30.0, value=d.scale, step=0.1)
                     seed = gr.Slider(label="Seed", minimum=-1, maximum=MAX_SEED, step=1, randomize=True)
                     eta = gr.Number(label="eta (DDIM)", value=d.eta)
@@ -200,7 +203,7 @@ def build_page(
                 gallery = gr.Gallery(label="Output", show_label=False, elem_id="gallery", columns=2, height="auto",
                                      format="png")  # fmt: skip
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
-                  strength, scale, seed, eta, low_threshold, high_threshold]  # fmt: skip
+                  strength, scale, seed, eta, low_threshold, high_threshold, sampler]  # fmt: skip
         run_button.click(fn=make_process(pipe, d.uncond_hint), inputs=inputs, outputs=[gallery], concurrency_limit=1,
                          validator=make_validator(d.uncond_hint))  # fmt: skip
     page.queue(default_concurrency_limit=1)

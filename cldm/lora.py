@@ -43,17 +43,14 @@ import torch.nn as nn
 from cldm.checkpoint import (
     CLIP_PREFIX,
     CONTROL_PREFIX,
-    RESNET_PARTS,
     UNET_PREFIX,
     CheckpointError,
-    ControlNetShape,
-    _rename,
     _shorten,
     load_state_dict,
+    unet_to_diffusers,
 )
 from cldm.model import check_finite
 from ldm.memory import release_mapped_tensors
-from ldm.modules.diffusionmodules.openaimodel import ResBlock, Upsample
 
 KOHYA_UNET, KOHYA_TEXT = "lora_unet_", "lora_te_"
 DIFFUSERS_UNET, DIFFUSERS_TEXT = "unet.", "text_encoder."
@@ -70,8 +67,6 @@ OLD_ATTENTION = re.compile(r"(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(do
 OLD_UNET_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 OLD_TEXT_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry (the PEFT LoraConfig per component)
-# The UNet encoder half's ldm prefixes (the ControlNet copies these layers).
-UNET_ENCODER = ("time_embed.", "input_blocks.", "middle_block.")
 
 
 class LoraError(CheckpointError):
@@ -203,23 +198,17 @@ def _alphas_from_metadata(layers: dict[str, LoraLayer], metadata: Mapping[str, A
 
 def unet_diffusers_names(unet: nn.Module) -> dict[str, str]:
     """ldm module path -> diffusers ``UNet2DConditionModel`` module path, for every linear and conv layer of an
-    ldm ``UNetModel``. The encoder half comes from :class:`cldm.checkpoint.ControlNetShape` (the ControlNet's
-    diffusers mapping); the decoder half (``up_blocks``, ``conv_norm_out``, ``conv_out``) is added here.
-    Note for the merge: a UNet key mapping in ``cldm.checkpoint`` (diffusers folders) should replace this."""
-    keys = [k for k, _ in unet.named_parameters()]
-    shape = ControlNetShape.of_ldm(keys)
-    pairs = [p for p in shape.prefixes() if p[0].startswith(UNET_ENCODER)]
-    for i, block in enumerate(unet.output_blocks):
-        level, j = divmod(i, shape.layers + 1)
-        for k, layer in enumerate(block):
-            kind = "resnets" if isinstance(layer, ResBlock) else "upsamplers" if isinstance(layer, Upsample) else \
-                "attentions"  # fmt: skip
-            index = 0 if kind == "upsamplers" else j
-            pairs.append((f"output_blocks.{i}.{k}.", f"up_blocks.{level}.{kind}.{index}.", kind == "resnets"))
-    pairs += [("out.0.", "conv_norm_out.", False), ("out.2.", "conv_out.", False)]
-    paths = [name for name, _ in fusable_layers(unet)]
-    renamed = _rename({p + ".": p for p in paths}, pairs, RESNET_PARTS, "ldm")  # values: the ldm paths
-    return {ldm: diffusers[:-1] for diffusers, ldm in renamed.items()}
+    ldm ``UNetModel``, from the UNet row of :data:`cldm.checkpoint.LAYOUTS` (:func:`cldm.checkpoint.unet_to_diffusers`,
+    which renames keys and keeps the tensors: each parameter is found again by identity)."""
+    params = {UNET_PREFIX + k: v for k, v in unet.state_dict(keep_vars=True).items()}
+    ldm_key = {id(v): k[len(UNET_PREFIX) :] for k, v in params.items()}
+    layers = {name for name, _ in fusable_layers(unet)}
+    names = {}
+    for key, tensor in unet_to_diffusers(params).items():
+        path = ldm_key[id(tensor)].rpartition(".")[0]
+        if path in layers:
+            names[path] = key.rpartition(".")[0]
+    return names
 
 
 def fusable_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:

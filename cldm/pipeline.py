@@ -1,7 +1,8 @@
 """Canny-to-image generation: the pipeline shared by ``cpu_canny2image.py`` and the Gradio page.
 
 Same steps and defaults as the reference ``gradio_canny2image.py``'s ``process``: resize, Canny,
-CLIP text encoding, DDIM with classifier-free guidance over UNet + ControlNet, VAE decode.
+CLIP text encoding, DDIM (or another sampler of :data:`ldm.models.diffusion.sampling.SAMPLERS`) with
+classifier-free guidance over UNet + ControlNet, VAE decode.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from cldm.inference import InferencePath, use_path
 from cldm.lora import FusedLora, apply_loras
 from cldm.model import load_model
 from ldm.memory import release_mapped_weights
-from ldm.models.diffusion.sampling import SAMPLERS, sampling_steps
+from ldm.models.diffusion.sampling import check_sampler, check_steps, sample, sampling_steps
 from ldm.models.taesd import TAESDDecoder, decoder_from_spec
 from ldm.util import seed_everything
 
@@ -49,7 +50,9 @@ class ParamError(ValueError):
 
 @dataclass
 class CannyParams:
-    """The reference demo's controls, with its defaults and ranges."""
+    """The reference demo's controls, with its defaults and ranges, and the sampler: a name of
+    :data:`~ldm.models.diffusion.sampling.SAMPLERS` (``ddim``, the reference's, by default), with its own range of
+    ``ddim_steps`` (:data:`~ldm.models.diffusion.sampling.MAX_STEPS`); ``eta`` is DDIM's only."""
 
     prompt: str = ""
     a_prompt: str = "best quality, extremely detailed"
@@ -68,6 +71,7 @@ class CannyParams:
     eta: float = 0.0
     low_threshold: int = 100
     high_threshold: int = 200
+    sampler: str = "ddim"
 
     RANGES = {
         "num_samples": (1, 12),
@@ -87,14 +91,23 @@ class CannyParams:
         return f"{self.prompt}, {self.a_prompt}" if self.a_prompt else self.prompt
 
     def validate(self, image_size: tuple[int, int] | None = None, image_name: str = "the input image") -> None:
-        """Raise :class:`ParamError` (a ``ValueError``) naming the first out-of-range parameter; with
-        ``image_size`` (the input's ``(height, width)`` in pixels), ``ValueError`` also when the output would be
-        over the size bound (:meth:`output_size`), naming ``image_name``."""
+        """Raise :class:`ParamError` (a ``ValueError``) naming the first out-of-range parameter (an unknown
+        sampler, a step count outside the sampler's range, a non-zero ``eta`` with a sampler other than DDIM
+        included); with ``image_size`` (the input's ``(height, width)`` in pixels), ``ValueError`` also when the
+        output would be over the size bound (:meth:`output_size`), naming ``image_name``."""
         for name, (lo, hi) in self.RANGES.items():
             value = getattr(self, name)
             if not lo <= value <= hi:
                 flag = f"--{name.replace('_', '-')}"
                 raise ParamError(name, f"{name} ({flag}) must be between {lo} and {hi}, got {value}")
+        for name, check in (("sampler", lambda: check_sampler(self.sampler)),
+                            ("ddim_steps", lambda: check_steps(self.sampler, self.ddim_steps))):  # fmt: skip
+            try:
+                check()
+            except ValueError as err:
+                raise ParamError(name, f"{name} (--{name.replace('_', '-')}): {err}") from None
+        if self.eta and self.sampler != "ddim":
+            raise ParamError("eta", f"eta (--eta) applies to the ddim sampler only, got {self.eta} with {self.sampler}")
         if self.low_threshold > self.high_threshold:
             raise ParamError(
                 "low_threshold",
@@ -296,9 +309,10 @@ class Canny2Image:
             notify(f"{said}: the text encoder reads the first {encoder.max_length} (start and end included), "
                    "the rest is ignored")  # fmt: skip
 
-    def sampling_steps(self, ddim_steps: int) -> int:
-        """Denoiser steps a run of ``ddim_steps`` takes (the reference's DDIM schedule visits 31 for 30)."""
-        return sampling_steps("ddim", ddim_steps, self.model.num_timesteps)
+    def sampling_steps(self, ddim_steps: int, sampler: str = "ddim") -> int:
+        """Denoiser steps a run of ``ddim_steps`` with ``sampler`` takes (the reference's DDIM schedule visits 31
+        for 30; the other samplers take ``ddim_steps``)."""
+        return sampling_steps(sampler, ddim_steps, self.model.num_timesteps)
 
     def edges(self, input_image: np.ndarray, params: CannyParams) -> np.ndarray:
         """Resized HWC uint8 Canny edge map (white edges on black), as fed to the ControlNet, of
@@ -338,9 +352,11 @@ class Canny2Image:
                                         uncond_hint=params.uncond_hint, cache=self.path.reuse_hint)  # fmt: skip
         denoise = CFGDenoiser(model, cond, uncond, params.scale, [control], batch_cfg=self.path.batch_cfg)
         x_t = torch.randn((n, 4, height // 8, width // 8), device=self.device)
-        samples = SAMPLERS["ddim"](denoise, x_t, model.alphas_cumprod, params.ddim_steps, eta=params.eta,
-                                   callback=None if callback is None else lambda i, x, x0: callback(i),
-                                   progress=progress)  # fmt: skip
+        # euler_a's and lcm's step noise: the seeded CPU stream, continued after the start noise
+        step_noise = torch.Generator().set_state(torch.get_rng_state())
+        samples = sample(params.sampler, denoise, x_t, model.alphas_cumprod, params.ddim_steps, eta=params.eta,
+                         generator=step_noise, callback=None if callback is None else lambda i, x, x0: callback(i),
+                         progress=progress)  # fmt: skip
         self._done_with(model.model, model.control_model)
         x_samples = self.decode(samples)
         x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy().clip(0, 255).astype(np.uint8)

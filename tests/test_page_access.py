@@ -73,11 +73,11 @@ def upload(client: httpx.Client, path: Path) -> httpx.Response:
 
 
 def join(client: httpx.Client, image: str, name: str, image_resolution: int = 64) -> httpx.Response:
-    """Submit a Run request (the page's inputs, small values) to the queue, as the page's client does."""
+    """Submit a Run request (the page's inputs, INPUTS, small values) to the queue, as the page's client does."""
     deps = client.get("/config").json()["dependencies"]
     (fn_index,) = [i for i, d in enumerate(deps) if d.get("api_name") == "process"]
     data = [{"path": image, "orig_name": name, "meta": {"_type": "gradio.FileData"}}, "red circle", "", "", 1,
-            image_resolution, 1, False, 1.0, 9.0, 1, 0.0, 100, 200]  # fmt: skip
+            image_resolution, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim"]  # fmt: skip
     body = {"data": data, "fn_index": fn_index, "session_hash": "test", "event_data": None, "trigger_id": None}
     return client.post("/gradio_api/queue/join", json=body)
 
@@ -198,6 +198,8 @@ def test_exposed_page_without_login_is_warned(
         ({"num_samples": 13}, "num_samples", "num_samples (--num-samples) must be between 1 and 12, got 13"),
         ({"image_resolution": 2048, "wide": True}, "input_image", "wide.png: 3000x4 at image_resolution"),
         ({"broken": True}, "input_image", "broken.png: cannot read image"),
+        ({"sampler": "lcm", "ddim_steps": 60}, "ddim_steps", "ddim_steps (--ddim-steps): "),
+        ({"sampler": "dpmpp_2m", "eta": 0.5}, "eta", "eta (--eta) applies to the ddim sampler only"),
     ],
 )
 def test_validator_puts_the_message_on_the_input_at_fault(
@@ -207,7 +209,8 @@ def test_validator_puts_the_message_on_the_input_at_fault(
     if overrides.pop("broken", False):
         image = str(tmp_path / "broken.png")
         Path(image).write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    values = dict(zip(INPUTS, [image, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200], strict=True))
+    given = [image, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim"]
+    values = dict(zip(INPUTS, given, strict=True))
     values.update(overrides)
     verdicts = make_validator()(*values.values())
     assert [v["is_valid"] for v in verdicts] == [name != at for name in INPUTS]

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.models.diffusion.sampling import SAMPLERS, check_steps
 from share import DEMO_COLORS, repo_relative
 from tools.make_fill50k import COLORS
 
@@ -113,20 +114,22 @@ def score(images: np.ndarray, conditions: list[Condition], palette: tuple[str, .
 @torch.no_grad()
 def generate(
     model: Any, conditions: list[Condition], control: bool, steps: int = 20, scale: float = 9.0, seed: int = 0,
-    batch_size: int = 50, uncond_hint: bool = True, strength: float = 1.0,
+    batch_size: int = 50, uncond_hint: bool = True, strength: float = 1.0, sampler: str = "ddim",
 ) -> np.ndarray:  # fmt: skip
-    """(N, H, W, 3) uint8 images, DDIM with classifier-free guidance ("" as the unconditional prompt).
+    """(N, H, W, 3) uint8 images, ``sampler`` (a name of ``SAMPLERS``, DDIM by default) with classifier-free
+    guidance ("" as the unconditional prompt).
 
     ``control``: the model is a ControlLDM and gets each condition's hint, also in the unconditional pass (as
     the reference demo) unless ``uncond_hint`` is False (as the reference's guess mode: guidance then amplifies
     the control's effect with the prompt's); otherwise it is the base LatentDiffusion and sees the prompt only
     (run with the same batching of the two passes, so a ControlNet at init reproduces it exactly).
-    Sample ``i`` starts from the noise of ``(seed, i)``, so a model and its base start from the same noise.
+    Sample ``i`` starts from the noise of ``(seed, i)``, so a model and its base start from the same noise (and
+    every sampler too); the step noise of ``euler_a``/``lcm`` has its own seed per batch.
     ``strength``: the control scale of every block.
     """
     from cldm.control import Control, control_scales_for
     from cldm.guidance import CFGDenoiser
-    from ldm.models.diffusion.sampling import sample_ddim
+    from ldm.models.diffusion.sampling import sample
 
     out = []
     for start in range(0, len(conditions), batch_size):
@@ -146,7 +149,8 @@ def generate(
         # Without the hint in the unconditional pass the two passes cannot share one batch; the base model then
         # runs them apart too, so the ControlNet at init (zero control) gives its images bit for bit.
         denoise = CFGDenoiser(model, c_txt, u_txt, scale, controls, batch_cfg=uncond_hint)
-        samples = sample_ddim(denoise, noise, model.alphas_cumprod, steps, progress=False)
+        step_noise = torch.Generator().manual_seed(seed * 1_000_003 + len(conditions) + start)  # no sample's seed
+        samples = sample(sampler, denoise, noise, model.alphas_cumprod, steps, generator=step_noise, progress=False)
         images = model.decode_first_stage(samples).permute(0, 2, 3, 1) * 127.5 + 127.5
         out.append(images.clamp(0, 255).round().to(torch.uint8).numpy())
     return np.concatenate(out)
@@ -195,21 +199,22 @@ def plot_curve(points: list[tuple[int, float]], path: str | Path, title: str = "
 def measure(
     config: str | Path, conditions: list[Condition], base: str | None = None, ckpts: tuple[str, ...] = (),
     curve: str | None = None, curve_init: str | None = None, steps: int = 20, scale: float = 9.0, seed: int = 0,
-    progress: bool = True, strength: float = 1.0, uncond_hint: bool = True,
+    progress: bool = True, strength: float = 1.0, uncond_hint: bool = True, sampler: str = "ddim",
 ) -> dict[str, Any]:  # fmt: skip
     """Score the base model and each ControlNet checkpoint; returns the JSON-ready results. ``curve``: a
     folder of ``step=N.ckpt`` files, scored in step order, after ``curve_init`` (the ControlNet at init) as
     step 0 when given. ``strength``: the control scale of every block (the demo's Control Strength);
-    ``uncond_hint``: see :func:`generate`."""
+    ``uncond_hint``, ``sampler``: see :func:`generate`."""
     from cldm.model import load_model
 
     def run(path: str | Path, control: bool) -> tuple[np.ndarray, dict]:
         model = load_model(config, path, base=not control)
         images = generate(model, conditions, control=control, steps=steps, scale=scale, seed=seed,
-                          uncond_hint=uncond_hint, strength=strength)  # fmt: skip
+                          uncond_hint=uncond_hint, strength=strength, sampler=sampler)  # fmt: skip
         return images, summary(score(images, conditions))
 
-    results: dict[str, Any] = {"n": len(conditions), "ddim_steps": steps, "scale": scale, "strength": strength,
+    results: dict[str, Any] = {"n": len(conditions), "sampler": sampler, "ddim_steps": steps, "scale": scale,
+                               "strength": strength,
                                "uncond_hint": uncond_hint, "seed": seed}  # fmt: skip
     base_images = None
     if base is not None:
@@ -258,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve", default=None, metavar="DIR", help="score every step=N.ckpt in DIR (IoU vs step)")
     p.add_argument("--curve-init", default=None, metavar="CKPT", help="ControlNet at init: step 0 of --curve")
     p.add_argument("--plot", default=None, help="write the IoU-vs-step plot of --curve here (PNG)")
-    p.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
+    p.add_argument("--ddim-steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampler (default: %(default)s)")
     p.add_argument("--scale", type=float, default=9.0, help="guidance scale (default: %(default)s)")
     p.add_argument("--strength", type=float, default=1.0, help="control strength (default: %(default)s)")
     p.add_argument("--uncond-hint", action=argparse.BooleanOptionalAction, default=True,
@@ -270,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     from cldm.checkpoint import CheckpointError
 
     try:
-        if args.n < 1 or args.ddim_steps < 1:
-            raise ValueError("--n and --ddim-steps must be at least 1")
+        if args.n < 1:
+            raise ValueError("--n must be at least 1")
+        check_steps(args.sampler, args.ddim_steps)
         if not 0.0 <= args.strength <= 2.0:
             raise ValueError(f"--strength must be between 0 and 2, got {args.strength}")
         if (args.plot or args.curve_init) and not args.curve:
@@ -281,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         conditions = load_conditions(args.data, args.n)
         results = measure(args.config, conditions, args.base, tuple(args.ckpt), curve=args.curve,
                           curve_init=args.curve_init, steps=args.ddim_steps, scale=args.scale,
-                          seed=args.seed, strength=args.strength, uncond_hint=args.uncond_hint)  # fmt: skip
+                          seed=args.seed, strength=args.strength, uncond_hint=args.uncond_hint,
+                          sampler=args.sampler)  # fmt: skip
     except (ValueError, OSError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
