@@ -547,3 +547,21 @@ def test_checkpoint_writes_replace_the_file_from_a_partial_file_beside_it(
                               "unexpected pos 64 vs 0)"
     monkeypatch.undo()
     assert torch.load(path)["global_step"] == 2 and os.listdir(path.parent) == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(obj: object, f: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    args = with_flags(train_args(ini_ckpt, fill50k, tmp_path, "--max-steps", "2"), ["--ckpt-every", "1"])
+    assert tutorial_train.main(args) == 1
+    err = capsys.readouterr().err  # the progress bar's lines, then the error
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(
+        f"error: {tmp_path / 'checkpoints' / 'step=000001.ckpt'}: cannot write the checkpoint "
+        "([enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0)")
+    assert not any((tmp_path / "checkpoints").iterdir())
