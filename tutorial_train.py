@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +87,16 @@ def check_args(args: argparse.Namespace) -> None:
                          "(make it with python -m tools.make_fill50k, or pass --webdataset)")  # fmt: skip
 
 
-def resume_path(args: argparse.Namespace, ckpt_dir: Path) -> str | None:
+def resume_checkpoint(args: argparse.Namespace, ckpt_dir: Path) -> tuple[str | None, Mapping[str, Any]]:
+    """``(path, contents)`` of the ``--resume`` checkpoint (``last``: ``<ckpt-dir>/last.ckpt``; tensors
+    memory-mapped), ``(None, {})`` without ``--resume``. Raises ``CheckpointError`` naming the flag and the
+    file when a run cannot continue from it."""
     if args.resume is None:
-        return None
+        return None, {}
+    from cldm.training import read_resume_checkpoint
+
     path = ckpt_dir / "last.ckpt" if args.resume == "last" else Path(args.resume)
-    if not path.is_file():
-        raise ValueError(f"{path}: checkpoint to resume from not found")
-    return str(path)
+    return str(path), read_resume_checkpoint(path)
 
 
 def build_model(args: argparse.Namespace) -> Any:
@@ -144,20 +148,21 @@ def build_dataloader(args: argparse.Namespace) -> Any:
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
 
 
-def build_trainer(args: argparse.Namespace, ckpt_dir: Path, callbacks: list | None = None) -> Any:
+def build_trainer(args: argparse.Namespace, ckpt_dir: Path, callbacks: list | None = None, resume_step: int = 0) -> Any:
+    """The Trainer: checkpoints every ``--ckpt-every`` steps and at the end (written atomically), image logs,
+    and ``metrics.csv`` in ``--log-dir`` continued from ``resume_step`` (the resumed checkpoint's step)."""
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
-    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.callbacks import TQDMProgressBar
 
     from cldm.logger import ImageLogger, WeightsDigest
+    from cldm.training import AppendingCSVLogger, AtomicCheckpointIO, StepCheckpoint
     from ldm.device import lightning_accelerator, resolve_device
 
     accelerator = lightning_accelerator(resolve_device(args.device))
     strategy = args.strategy
     if strategy == "ddp" and args.only_mid_control:  # the unused zero convs would stop plain DDP
         strategy = "ddp_find_unused_parameters_true"
-    checkpoints = ModelCheckpoint(dirpath=ckpt_dir, filename="{step:06d}", every_n_train_steps=args.ckpt_every,
-                                  save_top_k=-1, save_last=True)  # fmt: skip
+    checkpoints = StepCheckpoint(ckpt_dir, every=args.ckpt_every)
     images = ImageLogger(batch_frequency=args.logger_freq, save_dir=args.log_dir,
                          log_images_kwargs={"ddim_steps": args.log_ddim_steps})  # fmt: skip
     callbacks = [checkpoints, images, TQDMProgressBar(refresh_rate=1), *(callbacks or [])]
@@ -167,8 +172,8 @@ def build_trainer(args: argparse.Namespace, ckpt_dir: Path, callbacks: list | No
         accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
         precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
         accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks,
-        logger=CSVLogger(args.log_dir, name="", version=""), default_root_dir=args.log_dir,
-        log_every_n_steps=1, enable_model_summary=False,
+        logger=AppendingCSVLogger(args.log_dir, resume_step=resume_step), plugins=[AtomicCheckpointIO()],
+        default_root_dir=args.log_dir, log_every_n_steps=1, enable_model_summary=False,
     )  # fmt: skip
 
 
@@ -179,7 +184,7 @@ def prepare_training(args: argparse.Namespace, callbacks: list | None = None) ->
     log/checkpoint folder that cannot be written."""
     check_args(args)
     ckpt_dir = Path(args.ckpt_dir or Path(args.log_dir) / "checkpoints")
-    ckpt_path = resume_path(args, ckpt_dir)
+    ckpt_path, resumed = resume_checkpoint(args, ckpt_dir)
     from cldm.checkpoint import check_writable_dir
 
     for folder in (args.log_dir, ckpt_dir):  # before the model is built, not at the first save
@@ -193,7 +198,12 @@ def prepare_training(args: argparse.Namespace, callbacks: list | None = None) ->
     pl.seed_everything(args.seed, workers=True, verbose=False)
     dataloader = build_dataloader(args)  # the data check is faster than loading the model
     model = build_model(args)
-    return build_trainer(args, ckpt_dir, callbacks), model, dataloader, ckpt_path
+    if ckpt_path is not None:
+        from cldm.checkpoint import check_state_dict
+
+        check_state_dict(model, resumed["state_dict"], name=f"--resume {ckpt_path}")
+    trainer = build_trainer(args, ckpt_dir, callbacks, resume_step=int(resumed.get("global_step", 0)))
+    return trainer, model, dataloader, ckpt_path
 
 
 def train(args: argparse.Namespace, callbacks: list | None = None) -> None:
@@ -209,7 +219,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
-    trainer.fit(model, dataloader, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, dataloader, ckpt_path=ckpt_path)
+    except OSError as err:  # e.g. a checkpoint that cannot be written: the disk is full
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

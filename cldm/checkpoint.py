@@ -67,6 +67,8 @@ MAX_STAND_INS = 32
 DATA_STDLIB_MODULES = ("argparse", "collections", "datetime", "decimal", "enum", "fractions", "pathlib", "uuid")
 # Builtins that only build values; the file gets the real type (calling it runs no user code).
 DATA_BUILTINS = {"builtins.frozenset": frozenset, "builtins.slice": slice, "builtins.range": range}
+# Suffix of a file being written; renamed to its final name once whole (see replace_atomically).
+PARTIAL_SUFFIX = ".partial"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _UNKNOWN_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module (\S+) is blocked)")
 
@@ -210,24 +212,13 @@ def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_state_dict(ckpt_path: str | os.PathLike, location: str = "cpu") -> StateDict:
-    """Read a ``.ckpt``/``.pth``/``.bin`` (memory-mapped, weights only) or ``.safetensors`` checkpoint, or a
-    diffusers folder (:func:`load_folder`: a ControlNet, a pipeline, a hub cache folder).
-
-    Returns the flat state dict (tensors in the file's dtypes, on ``location``) with keys normalised by
-    :func:`normalize_keys`; non-tensor entries (numpy counters, Lightning callback state) are dropped. Raises
-    :class:`CheckpointError` with a one-line message for a missing, truncated or corrupt file, one holding no
-    tensors, or a pickle that names code or more than :data:`MAX_STAND_INS` unknown classes (nothing from such
-    a file is run or returned), and for a folder :func:`load_folder` cannot read.
-    """
+def read_checkpoint(ckpt_path: str | os.PathLike, location: str = "cpu") -> Mapping[str, Any]:
+    """The whole mapping a ``.ckpt``/``.pth`` (memory-mapped, weights only: tensors are read when touched) or
+    ``.safetensors`` file holds, e.g. a Lightning checkpoint's ``state_dict``, ``global_step`` and
+    ``optimizer_states``. Raises :class:`CheckpointError` with a one-line message for a missing, truncated or
+    corrupt file, one that is not a mapping, or a pickle that names code or more than :data:`MAX_STAND_INS`
+    unknown classes (nothing from such a file is run or returned)."""
     path = Path(ckpt_path)
-    if path.is_dir():
-        return load_folder(path, location)
-    return normalize_keys(_read_tensors(path, location))
-
-
-def _read_tensors(path: Path, location: str) -> dict[str, torch.Tensor]:
-    """The tensors of one checkpoint file, keys as stored (see :func:`load_state_dict` for the errors)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
@@ -238,7 +229,27 @@ def _read_tensors(path: Path, location: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {_message(err)}") from err
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-    state_dict = get_state_dict(data)
+    return data
+
+
+def load_state_dict(ckpt_path: str | os.PathLike, location: str = "cpu") -> StateDict:
+    """Read a ``.ckpt``/``.pth``/``.bin`` (memory-mapped, weights only) or ``.safetensors`` checkpoint, or a
+    diffusers folder (:func:`load_folder`: a ControlNet, a pipeline, a hub cache folder).
+
+    Returns the flat state dict (tensors in the file's dtypes, on ``location``) with keys normalised by
+    :func:`normalize_keys`; non-tensor entries (numpy counters, Lightning callback state) are dropped. Raises
+    :class:`CheckpointError` as :func:`read_checkpoint` does, for a file holding no tensors, and for a folder
+    :func:`load_folder` cannot read.
+    """
+    path = Path(ckpt_path)
+    if path.is_dir():
+        return load_folder(path, location)
+    return normalize_keys(_read_tensors(path, location))
+
+
+def _read_tensors(path: Path, location: str) -> dict[str, torch.Tensor]:
+    """The tensors of one checkpoint file, keys as stored (see :func:`load_state_dict` for the errors)."""
+    state_dict = get_state_dict(read_checkpoint(path, location))
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: contains no tensors")
@@ -294,29 +305,55 @@ def check_writable_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` to fill ``tmp`` (``<path>.partial``, in ``path``'s own folder, so the rename never
+    crosses filesystems), flush it to disk, and rename it over ``path``: ``path`` is at every moment either
+    its old content or the whole new one, also if the process is killed. ``tmp`` is removed if ``write`` or
+    the rename fails (errors propagate unchanged); a killed process leaves it behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):  # also when the folder is missing or is a file
+            tmp.unlink()
+    with contextlib.suppress(OSError):  # the rename itself on disk (POSIX; folders cannot be opened on Windows)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, flat: bool = False) -> None:
-    """Write ``state_dict`` atomically: a flat ``.safetensors`` file for that suffix, else torch.save of
-    ``{"state_dict": ...}`` (the reference's nesting) or, with ``flat``, of the dict itself (as the ControlNet
-    1.1 files hold it). The parent folder is created; a failed write leaves no file. Raises ``OSError``
-    (one line naming ``path``) when the folder or the file cannot be written, the disk being full included."""
+    """Write ``state_dict`` atomically (:func:`replace_atomically`): a flat ``.safetensors`` file for that
+    suffix, else torch.save of ``{"state_dict": ...}`` (the reference's nesting) or, with ``flat``, of the dict
+    itself (as the ControlNet 1.1 files hold it). The parent folder is created; a failed write leaves no file.
+    Raises ``OSError`` (one line naming ``path``) when the folder or the file cannot be written, the disk being
+    full included."""
     from safetensors import SafetensorError
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
         if path.suffix.lower() == ".safetensors":
             import safetensors.torch
 
             safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
         else:
             torch.save(dict(state_dict) if flat else {"state_dict": dict(state_dict)}, tmp)
-        os.replace(tmp, path)
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(path, write)
     except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports write failures as RuntimeError
         raise OSError(f"{path}: cannot write the checkpoint ({_reason(err)})") from None
-    finally:
-        with contextlib.suppress(OSError):  # also when the folder is missing or is a file
-            tmp.unlink()
 
 
 def _reason(err: BaseException) -> str:

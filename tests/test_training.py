@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +350,241 @@ def test_bad_flags_are_one_line(
     assert tutorial_train.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+# --- checkpoints and resume (issue 20 item 10) -----------------------------------------------------------
+
+
+def saved_steps(ckpt_dir: Path, pattern: str = "*") -> dict[str, int]:
+    """``{file name: global_step}`` of every file matching ``pattern`` in the checkpoint folder (a file that is
+    not a whole checkpoint fails the test)."""
+    return {p.name: int(torch.load(p, map_location="cpu", weights_only=False)["global_step"])
+            for p in sorted(ckpt_dir.glob(pattern))}  # fmt: skip
+
+
+def logged_steps(log_dir: Path) -> list[int]:
+    """The ``step`` column of ``metrics.csv``, in file order (the header must appear once, as the first line)."""
+    lines = (log_dir / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert "step" in header and all(line.split(",") != header for line in lines[1:])
+    return [int(line.split(",")[header.index("step")]) for line in lines[1:]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stop,every,expected",
+    [
+        (["--max-steps", "5"], 2, [2, 4, 5]),  # the final step lies between two saves
+        (["--max-epochs", "1"], 3, [3, 4]),  # 8 samples / batch 2: the epoch ends at step 4
+        (["--max-steps", "4"], 2, [2, 4]),  # the final step is a save step: saved once
+        (["--max-steps", "1"], 1000, [1]),  # a run shorter than --ckpt-every
+    ],
+)
+def test_the_final_step_is_always_saved(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path, stop: list[str], every: int, expected: list[int]
+) -> None:
+    snap = Snapshot()
+    args = with_flags(train_args(ini_ckpt, fill50k, tmp_path, *stop), ["--ckpt-every", str(every)])
+    assert tutorial_train.main(args, callbacks=[snap]) == 0
+    assert saved_steps(tmp_path / "checkpoints") == {"last.ckpt": expected[-1],
+                                                      **{f"step={s:06d}.ckpt": s for s in expected}}  # fmt: skip
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in snap.after.items())  # the weights training ended with
+
+
+@pytest.mark.slow
+def test_resumed_runs_keep_last_ckpt_newest_and_append_to_the_logs(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path
+) -> None:
+    ckpts = tmp_path / "checkpoints"
+
+    def run(max_steps: int, every: int, *resume: str) -> None:
+        args = with_flags(train_args(ini_ckpt, fill50k, tmp_path, "--max-steps", str(max_steps), *resume),
+                          ["--ckpt-every", str(every)])  # fmt: skip
+        assert tutorial_train.main(args) == 0
+
+    run(2, 2)
+    run(3, 1, "--resume", "last")  # another --ckpt-every: Lightning no longer knows last.ckpt as its own
+    assert saved_steps(ckpts) == {"last.ckpt": 3, "step=000002.ckpt": 2, "step=000003.ckpt": 3}
+    run(5, 2, "--resume", "last")
+    assert saved_steps(ckpts) == {"last.ckpt": 5, **{f"step={s:06d}.ckpt": s for s in (2, 3, 4, 5)}}
+    assert logged_steps(tmp_path) == [0, 1, 2, 3, 4]  # one row per step of the three runs, in order
+    # back to an older state: last.ckpt is the newest state again; the rows of the abandoned steps 3-5 go
+    run(3, 2, "--resume", str(ckpts / "step=000002.ckpt"))
+    assert saved_steps(ckpts)["last.ckpt"] == 3
+    assert logged_steps(tmp_path) == [0, 1, 2]
+
+
+KILL_DURING_SAVE = """
+import builtins, os, shutil, signal, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import tutorial_train
+
+ckpt_dir, kill_at = Path({ckpt_dir!r}).resolve(), {kill_at}
+shutil._USE_CP_SENDFILE = False  # copies across filesystems go through file.write as well
+real_open, opened = builtins.open, []
+
+class KilledOnWrite:
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):  # the file exists, empty: the process dies here
+        os.kill(os.getpid(), signal.SIGKILL)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+def open_(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    if isinstance(file, (str, os.PathLike)) and "w" in mode and Path(file).resolve().parent == ckpt_dir:
+        opened.append(file)
+        if len(opened) == kill_at:
+            return KilledOnWrite(f)
+    return f
+
+builtins.open = open_
+sys.exit(tutorial_train.main({args!r}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [3, 4], ids=["killed-saving-step-4", "killed-saving-last"])
+def test_kill_during_a_save_keeps_the_last_whole_checkpoint(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path, kill_at: int
+) -> None:
+    """``--ckpt-every 2 --max-steps 4`` writes step 2, last, step 4, last; the process is SIGKILLed as the
+    ``kill_at``-th of these files is first written, with the temp folder on another filesystem where there is one
+    (a tmpfs), as users' machines have. ``last.ckpt`` must still be step 2's whole state, and resume from it."""
+    log_dir, ckpts = tmp_path / "logs", tmp_path / "logs" / "checkpoints"
+    other_fs = Path("/dev/shm")
+    temp = other_fs if other_fs.is_dir() and other_fs.stat().st_dev != tmp_path.stat().st_dev else tmp_path
+    temp = Path(tempfile.mkdtemp(dir=temp))
+    try:
+        args = train_args(ini_ckpt, fill50k, log_dir, "--max-steps", "4")
+        script = KILL_DURING_SAVE.format(repo=str(REPO), ckpt_dir=str(ckpts), kill_at=kill_at, args=args)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+    finally:
+        shutil.rmtree(temp)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    steps = saved_steps(ckpts, "*.ckpt")  # every file by a checkpoint's name is whole
+    assert steps["last.ckpt"] == 2 and steps["step=000002.ckpt"] == 2
+
+    resumed = train_args(ini_ckpt, fill50k, log_dir, "--max-steps", "4", "--resume", "last")
+    assert tutorial_train.main(resumed) == 0
+    assert saved_steps(ckpts) == {"last.ckpt": 4, "step=000002.ckpt": 2, "step=000004.ckpt": 4}  # no .partial left
+
+
+def lightning_like(ini_ckpt: Path, path: Path, drop: str | None = None) -> Path:
+    """A checkpoint with the entries Lightning resumes from (weights of ``ini_ckpt``, less ``drop``)."""
+    state = {k: v for k, v in load_state_dict(ini_ckpt).items() if k != drop}
+    torch.save({"pytorch-lightning_version": pl.__version__, "global_step": 2, "epoch": 0, "state_dict": state,
+                "optimizer_states": [{}], "lr_schedulers": [], "loops": {}, "callbacks": {}}, path)  # fmt: skip
+    return path
+
+
+def unusable(kind: str, ini_ckpt: Path, tmp: Path) -> Path:
+    path = tmp / f"{kind}.ckpt"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "empty":
+        path.touch()
+    elif kind == "truncated":
+        whole = lightning_like(ini_ckpt, tmp / "whole.ckpt").read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+    elif kind == "text":
+        path.write_text("step 2\n")
+    elif kind == "weights":  # what tool_add_control and save_checkpoint write
+        save_checkpoint(load_state_dict(ini_ckpt), path)
+    elif kind == "bare-state-dict":
+        torch.save(load_state_dict(ini_ckpt), path)
+    elif kind == "safetensors":
+        path = tmp / "weights.safetensors"
+        save_checkpoint(load_state_dict(ini_ckpt), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("missing", "checkpoint to resume from not found"),
+        ("folder", "is a folder, not a checkpoint file"),
+        ("empty", "is empty (0 bytes)"),
+        ("truncated", "not a readable checkpoint (truncated or corrupt?)"),
+        ("text", "not a readable checkpoint (truncated or corrupt?)"),
+        ("weights", "not a Lightning training checkpoint (it has no pytorch-lightning_version, optimizer_states"),
+        ("bare-state-dict", "not a Lightning training checkpoint"),
+        ("safetensors", "not a Lightning training checkpoint"),
+    ],
+)
+def test_an_unusable_resume_file_is_one_line_before_the_model_is_built(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    kind: str, message: str,
+) -> None:  # fmt: skip
+    def never(args: object) -> None:
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(tutorial_train, "build_model", never)
+    path = unusable(kind, ini_ckpt, tmp_path)
+    assert tutorial_train.main(train_args(ini_ckpt, fill50k, tmp_path / "logs", "--resume", str(path))) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: --resume {path}: {message}"), err
+    assert not (tmp_path / "logs" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_resume_file_of_another_model_is_one_line(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = lightning_like(ini_ckpt, tmp_path / "other.ckpt", drop="control_model.zero_convs.0.0.weight")
+    assert tutorial_train.main(train_args(ini_ckpt, fill50k, tmp_path / "logs", "--resume", str(path))) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --resume {path}: does not match the model config: 1 missing keys " \
+                  "(control_model.zero_convs.0.0.weight)"
+
+
+def test_checkpoint_writes_replace_the_file_from_a_partial_file_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cldm.training import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, path)
+    renames: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((Path(a), Path(b))), real_replace(a, b))[1])
+    io.save_checkpoint({"global_step": 2}, path)
+    assert renames == [(path.with_name("last.ckpt.partial"), path)]  # same folder: never a copy across filesystems
+    assert torch.load(path)["global_step"] == 2
+
+    def disk_full(obj: object, f: object) -> None:
+        f.write(b"PK half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0\nmore")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError) as info:
+        io.save_checkpoint({"global_step": 3}, path)
+    assert str(info.value) == f"{path}: cannot write the checkpoint ([enforce fail at inline_container.cc:595] . " \
+                              "unexpected pos 64 vs 0)"
+    monkeypatch.undo()
+    assert torch.load(path)["global_step"] == 2 and os.listdir(path.parent) == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(obj: object, f: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    args = with_flags(train_args(ini_ckpt, fill50k, tmp_path, "--max-steps", "2"), ["--ckpt-every", "1"])
+    assert tutorial_train.main(args) == 1
+    err = capsys.readouterr().err  # the progress bar's lines, then the error
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(
+        f"error: {tmp_path / 'checkpoints' / 'step=000001.ckpt'}: cannot write the checkpoint "
+        "([enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0)")
+    assert not any((tmp_path / "checkpoints").iterdir())
