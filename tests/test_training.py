@@ -418,7 +418,6 @@ def test_resumed_runs_keep_last_ckpt_newest_and_append_to_the_logs(
 KILL_DURING_SAVE = """
 import builtins, os, shutil, signal, sys
 from pathlib import Path
-sys.path.insert(0, {repo!r})
 import tutorial_train
 
 ckpt_dir, kill_at = Path({ckpt_dir!r}).resolve(), {kill_at}
@@ -464,9 +463,9 @@ def test_kill_during_a_save_keeps_the_last_whole_checkpoint(
     temp = Path(tempfile.mkdtemp(dir=temp))
     try:
         args = train_args(ini_ckpt, fill50k, log_dir, "--max-steps", "4")
-        script = KILL_DURING_SAVE.format(repo=str(REPO), ckpt_dir=str(ckpts), kill_at=kill_at, args=args)
+        script = KILL_DURING_SAVE.format(ckpt_dir=str(ckpts), kill_at=kill_at, args=args)
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+                              cwd=REPO, env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
     finally:
         shutil.rmtree(temp)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
