@@ -239,7 +239,7 @@ def launch_options(args: argparse.Namespace) -> dict:
         auth = parse_auth(args.auth.split(","), "--auth")
     elif args.auth_file is not None:
         try:
-            text = Path(args.auth_file).read_text(encoding="utf-8")
+            text = Path(args.auth_file).read_text(encoding="utf-8-sig")  # a BOM (e.g. Windows Notepad) is dropped
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"--auth-file {args.auth_file}: cannot read it ({getattr(err, 'strerror', None) or err})"
                              ) from None  # fmt: skip

@@ -122,6 +122,16 @@ def test_login_is_required_with_an_auth_file(tmp_path: Path) -> None:
         assert client.get("/config").status_code == 200
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_auth_file_saved_with_a_bom_keeps_its_first_user(tmp_path: Path, newline: str) -> None:
+    """Windows Notepad saves UTF-8 with a byte-order mark (and CRLF line ends): the first user is ``ann``, not
+    ``\\ufeffann``."""
+    auth = tmp_path / "page.auth"
+    auth.write_bytes(newline.join(["ann:pw", "bob:x y"]).encode("utf-8-sig"))
+    assert auth.read_bytes().startswith(b"\xef\xbb\xbfann:")
+    assert options("--auth-file", str(auth))["auth"] == [("ann", "pw"), ("bob", "x y")]
+
+
 def test_launch_options_defaults() -> None:
     assert options() == {"server_name": "127.0.0.1", "server_port": 7860, "share": False, "auth": None,
                          "max_file_size": 20 * MB}  # fmt: skip
