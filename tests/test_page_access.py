@@ -100,6 +100,36 @@ def test_oversized_request_is_refused_before_it_is_queued(open_page, tmp_path: P
     assert pipe.calls in ([], [(64, 1024)])  # only the accepted request may have reached the worker
 
 
+@pytest.mark.parametrize("how", ["direct", "traversal", "symlink"])
+def test_a_server_path_in_place_of_an_upload_is_refused(open_page, tmp_path: Path, how: str) -> None:
+    """A request naming a server file (not one uploaded through the page) is refused by Gradio before our
+    validator or the worker sees it, the file is not copied into Gradio's cache, and /gradio_api/file= does not
+    serve it. (``gradio_client`` uploads a local file named in a FileData from the client's own machine: that
+    is an upload, not a server path.)"""
+    from gradio.utils import get_upload_folder
+
+    client, pipe = open_page
+    secret = png(tmp_path / f"secret-{tmp_path.name}.png", 8, 8)  # a name no other test uses
+    named = {"direct": str(secret), "traversal": f"{get_upload_folder()}/x/../..{secret}", "symlink": None}[how]
+    if how == "symlink":  # a link inside the upload folder pointing out of it
+        link_dir = Path(get_upload_folder()) / f"link-{tmp_path.name}"
+        link_dir.mkdir(parents=True)
+        (link_dir / secret.name).symlink_to(secret)
+        named = str(link_dir / secret.name)
+    try:
+        refused = join(client, named, secret.name)
+        assert refused.status_code == 400
+        assert refused.json()["detail"].endswith("to the gradio cache dir because it was not uploaded by a user.")
+        assert pipe.calls == []
+        copies = [p for p in Path(get_upload_folder()).glob(f"*/{secret.name}") if not p.is_symlink()]
+        assert copies == []
+        assert client.get(f"/gradio_api/file={secret}").status_code == 403
+    finally:
+        if how == "symlink":
+            (link_dir / secret.name).unlink()
+            link_dir.rmdir()
+
+
 @pytest.mark.parametrize("size,status", [(MB, 200), (MB + 1, 413)])
 def test_uploads_over_the_limit_are_refused(open_page, tmp_path: Path, size: int, status: int) -> None:
     client, _ = open_page
