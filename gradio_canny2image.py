@@ -94,8 +94,17 @@ def checked_request(
         low_threshold=int(low_threshold), high_threshold=int(high_threshold), sampler=sampler or "ddim",
     )  # fmt: skip
     params.validate()
-    params.output_size(*image_size(input_image), image_name=Path(input_image).name)
+    try:
+        size = image_size(input_image)
+    except ValueError as err:
+        raise ValueError(shown(str(err), input_image)) from None
+    params.output_size(*size, image_name=Path(input_image).name)
     return input_image, params
+
+
+def shown(message: str, path: str | None) -> str:
+    """``message`` as the page shows it: the upload's server path (in Gradio's cache folder) as its file name."""
+    return message.replace(str(Path(path)), Path(path).name) if path else message
 
 
 def make_validator(uncond_hint: bool = True) -> Callable[..., list[dict]]:
@@ -139,9 +148,10 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
             path, params = checked_request(uncond_hint, input_image, prompt, a_prompt, n_prompt, num_samples,
                                            image_resolution, ddim_steps, guess_mode, strength, scale, seed, eta,
                                            low_threshold, high_threshold, sampler)  # fmt: skip
-            image = read_image(path, notify=gr.Info)  # an animation: the page says the first frame is used
+            # an animation: the page says the first frame is used
+            image = read_image(path, notify=lambda message: gr.Info(shown(message, path)))
         except ValueError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            raise gr.Error(shown(str(err), input_image), print_exception=False) from None
         steps = pipe.sampling_steps(params.ddim_steps, params.sampler)
         desc = f"{params.sampler.upper()} sampling"
         progress((0, steps), desc=desc, unit="steps")

@@ -258,6 +258,28 @@ def test_validator_puts_the_message_on_the_input_at_fault(
     assert message in said if message else said == ""
 
 
+BOMB = "bomb96m.png: image too large to decode safely (over 1000 pixels, Pillow's decompression-bomb limit)"
+
+
+@pytest.mark.parametrize(
+    "broken,message", [(False, BOMB), (True, "bomb96m.png: cannot read image (UnidentifiedImageError)")]
+)
+def test_image_messages_name_the_file_not_the_servers_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, broken: bool, message: str
+) -> None:
+    """An upload lives in Gradio's cache (``/tmp/gradio/<hash>/name.png``): the page's message names the file."""
+    image = png(tmp_path / "bomb96m.png", 64, 64)
+    if broken:
+        image.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice this: Pillow's bomb error
+    given = [str(image), "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim"]
+    verdicts = make_validator()(*given)
+    assert [v["message"] for v in verdicts if not v["is_valid"]] == [message]
+    with pytest.raises(gr.Error) as raised:
+        gradio_canny2image.make_process(StubPipe())(*given)  # type: ignore[arg-type]
+    assert raised.value.message == message
+
+
 def test_upload_reaches_read_image_as_the_users_file(tmp_path: Path) -> None:
     """The page's image component hands over the uploaded file itself (no conversion by Gradio), so a 16-bit
     PNG is scaled by read_image (not clipped to white by an RGB conversion) and nothing is decoded before the
