@@ -17,7 +17,15 @@ httpx = pytest.importorskip("httpx")
 
 import gradio_canny2image  # noqa: E402
 from cldm.pipeline import Canny2Image  # noqa: E402
-from gradio_canny2image import INPUTS, build_page, build_parser, launch_options, main, make_validator  # noqa: E402
+from gradio_canny2image import (  # noqa: E402
+    INPUTS,
+    build_page,
+    build_parser,
+    checked_request,
+    launch_options,
+    main,
+    make_validator,
+)
 
 MB = 2**20
 
@@ -43,7 +51,7 @@ class StubPipe:
     def __init__(self) -> None:
         self.calls: list[tuple[int, ...]] = []
 
-    def sampling_steps(self, ddim_steps: int) -> int:
+    def sampling_steps(self, ddim_steps: int, sampler: str) -> int:
         return ddim_steps
 
     def __call__(self, image: np.ndarray, params: object, **kwargs: object) -> tuple[list[np.ndarray], int]:
@@ -72,12 +80,15 @@ def upload(client: httpx.Client, path: Path) -> httpx.Response:
     return client.post("/gradio_api/upload", files={"files": (path.name, path.read_bytes())})
 
 
-def join(client: httpx.Client, image: str, name: str, image_resolution: int = 64) -> httpx.Response:
-    """Submit a Run request (the page's inputs, INPUTS, small values) to the queue, as the page's client does."""
+def join(client: httpx.Client, image: str, name: str, image_resolution: int = 512, **values: object) -> httpx.Response:
+    """Submit a Run request (the page's inputs, INPUTS, small values, ``values`` by name) to the queue, as the
+    page's client does."""
     deps = client.get("/config").json()["dependencies"]
     (fn_index,) = [i for i, d in enumerate(deps) if d.get("api_name") == "process"]
     data = [{"path": image, "orig_name": name, "meta": {"_type": "gradio.FileData"}}, "red circle", "", "", 1,
             image_resolution, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim"]  # fmt: skip
+    for input_name, value in values.items():
+        data[INPUTS.index(input_name)] = value
     body = {"data": data, "fn_index": fn_index, "session_hash": "test", "event_data": None, "trigger_id": None}
     return client.post("/gradio_api/queue/join", json=body)
 
@@ -128,6 +139,42 @@ def test_a_server_path_in_place_of_an_upload_is_refused(open_page, tmp_path: Pat
         if how == "symlink":
             (link_dir / secret.name).unlink()
             link_dir.rmdir()
+
+
+@pytest.mark.parametrize(
+    "values,at,message",
+    [
+        (
+            {"image_resolution": 4096},
+            "image_resolution",
+            "image_resolution must be between 256 and 768 on this page, got 4096",
+        ),
+        ({"num_samples": 100}, "num_samples", "num_samples must be between 1 and 12 on this page, got 100"),
+        ({"ddim_steps": 101}, "ddim_steps", "ddim_steps must be between 1 and 100 on this page, got 101"),
+        ({"ddim_steps": None}, "ddim_steps", "ddim_steps must be a number, got None"),
+        ({"seed": "abc"}, "seed", "seed must be a number, got 'abc'"),
+        ({"eta": "x"}, "eta", "eta must be a number, got 'x'"),
+        ({"strength": None}, "strength", "strength must be a number, got None"),
+        ({"prompt": 5}, "prompt", "prompt must be text, got 5"),
+        ({"sampler": "nope"}, "sampler", "sampler (--sampler): "),
+        ({"text": True}, "input_image", "notes.txt: cannot read image (UnidentifiedImageError)"),
+    ],
+)
+def test_values_gradio_would_refuse_get_the_validators_message(
+    open_page, tmp_path: Path, values: dict, at: str, message: str
+) -> None:
+    """Out of a slider's limits, not a number, not an image: refused with the message on the input at fault
+    (HTTP 422), not by Gradio's component checks (HTTP 400, no message on the page)."""
+    client, pipe = open_page
+    image = tmp_path / "notes.txt" if values.pop("text", False) else png(tmp_path / "ok.png", 8, 8)
+    if image.suffix == ".txt":
+        image.write_text("not an image")
+    (path,) = upload(client, image).json()
+    refused = join(client, path, image.name, **values)
+    assert refused.status_code == 422, refused.text
+    said = [(v["parameter_name"], v["message"]) for v in refused.json()["detail"] if not v["is_valid"]]
+    assert len(said) == 1 and said[0][0] == at and said[0][1].startswith(message), said
+    assert pipe.calls == []
 
 
 @pytest.mark.parametrize("size,status", [(MB, 200), (MB + 1, 413)])
@@ -281,14 +328,18 @@ def test_image_messages_name_the_file_not_the_servers_folder(
 
 
 def test_upload_reaches_read_image_as_the_users_file(tmp_path: Path) -> None:
-    """The page's image component hands over the uploaded file itself (no conversion by Gradio), so a 16-bit
+    """The Run event hands over the uploaded file itself (no preprocessing, so no conversion by Gradio): a 16-bit
     PNG is scaled by read_image (not clipped to white by an RGB conversion) and nothing is decoded before the
     checks."""
-    from gradio.data_classes import ImageData
+    from cldm.pipeline import read_image
 
     sixteen = tmp_path / "depth.png"
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(sixteen)
     assert Image.open(sixteen).mode.startswith("I")
     page = build_page(StubPipe())  # type: ignore[arg-type]
-    (component,) = [b for b in page.blocks.values() if isinstance(b, gr.Image)]
-    assert component.preprocess(ImageData(path=str(sixteen), orig_name="depth.png")) == str(sixteen)
+    (run,) = [fn for fn in page.fns.values() if fn.name == "process"]
+    assert run.preprocess is False
+    sent = {"path": str(sixteen), "orig_name": "depth.png", "meta": {"_type": "gradio.FileData"}}
+    path, _ = checked_request(True, sent, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200)
+    assert path == str(sixteen)
+    assert np.unique(read_image(path)).tolist() == [round(40000 / 257)]
