@@ -15,9 +15,10 @@ and ``--max-upload-mb`` (Gradio's upload limit).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,34 +76,90 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def checked_request(
-    uncond_hint: bool, input_image: str | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
+    uncond_hint: bool, input_image: str | dict | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
     image_resolution: float, ddim_steps: float, guess_mode: bool, strength: float, scale: float, seed: float,
     eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim",
+    *, limits: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[str, CannyParams]:  # fmt: skip
     """The page's inputs (:data:`INPUTS`) as ``(image path, CannyParams)``, checked without decoding the
-    image: parameters in range, the image present and readable, its output within the size bound (from the
-    file's header: :func:`cldm.pipeline.image_size`). ``ValueError`` with the message the page shows."""
+    image: values of the right type, within the page's ``limits`` (its sliders' ``(minimum, maximum)`` by input
+    name) and in range, the image present and readable, its output within the size bound (from the file's
+    header: :func:`cldm.pipeline.image_size`). The values come as the page sends them (Gradio does not
+    preprocess them: its own checks would refuse before the validator, with no message on the input): the
+    image as Gradio's FileData dict or a path, numbers as JSON numbers. ``ValueError`` with the message the
+    page shows; :class:`~cldm.pipeline.ParamError` (naming the input) for a parameter's fault."""
     from cldm.pipeline import CannyParams, image_size
 
-    if input_image is None:
+    path = upload_path(input_image)
+    if not path:
         raise ValueError(NO_IMAGE)
+    limits = limits or {}
+
+    def number(name: str, value: object) -> float:
+        return page_number(name, value, limits.get(name))
+
     params = CannyParams(
-        prompt=prompt or "", a_prompt=a_prompt or "", n_prompt=n_prompt or "", num_samples=int(num_samples),
-        image_resolution=int(image_resolution), ddim_steps=int(ddim_steps), guess_mode=bool(guess_mode),
-        uncond_hint=uncond_hint,
-        strength=float(strength), scale=float(scale), seed=int(seed), eta=float(eta or 0.0),
-        low_threshold=int(low_threshold), high_threshold=int(high_threshold), sampler=sampler or "ddim",
+        prompt=page_text("prompt", prompt), a_prompt=page_text("a_prompt", a_prompt),
+        n_prompt=page_text("n_prompt", n_prompt), num_samples=round(number("num_samples", num_samples)),
+        image_resolution=round(number("image_resolution", image_resolution)),
+        ddim_steps=round(number("ddim_steps", ddim_steps)), guess_mode=bool(guess_mode), uncond_hint=uncond_hint,
+        strength=number("strength", strength), scale=number("scale", scale), seed=round(number("seed", seed)),
+        eta=number("eta", 0.0 if eta is None else eta), low_threshold=round(number("low_threshold", low_threshold)),
+        high_threshold=round(number("high_threshold", high_threshold)), sampler=page_text("sampler", sampler) or "ddim",
     )  # fmt: skip
     params.validate()
-    params.output_size(*image_size(input_image), image_name=Path(input_image).name)
-    return input_image, params
+    try:
+        size = image_size(path)
+    except ValueError as err:
+        raise ValueError(shown(str(err), path)) from None
+    params.output_size(*size, image_name=Path(path).name)
+    return path, params
 
 
-def make_validator(uncond_hint: bool = True) -> Callable[..., list[dict]]:
+def upload_path(input_image: object) -> str | None:
+    """The server path of the image input: given as a path (a direct call) or in Gradio's FileData dict."""
+    path = input_image.get("path") if isinstance(input_image, dict) else input_image
+    return path if isinstance(path, str) else None
+
+
+def page_number(name: str, value: object, limits: tuple[float, float] | None = None) -> float:
+    """``value`` of the input ``name`` as a finite float within ``limits`` (``(minimum, maximum)``, if given);
+    :class:`~cldm.pipeline.ParamError` naming the input otherwise."""
+    from cldm.pipeline import ParamError
+
+    try:
+        got = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        got = math.nan
+    if not math.isfinite(got):
+        raise ParamError(name, f"{name} must be a number, got {value!r}")
+    if limits is not None and not limits[0] <= got <= limits[1]:
+        raise ParamError(name, f"{name} must be between {limits[0]:g} and {limits[1]:g} on this page, got {got:g}")
+    return got
+
+
+def page_text(name: str, value: object) -> str:
+    """``value`` of the text input ``name`` (``None``: empty); :class:`~cldm.pipeline.ParamError` if not text."""
+    from cldm.pipeline import ParamError
+
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise ParamError(name, f"{name} must be text, got {value!r}")
+
+
+def shown(message: str, path: str | None) -> str:
+    """``message`` as the page shows it: the upload's server path (in Gradio's cache folder) as its file name."""
+    return message.replace(str(Path(path)), Path(path).name) if path else message
+
+
+def make_validator(
+    uncond_hint: bool = True, limits: Mapping[str, tuple[float, float]] | None = None
+) -> Callable[..., list[dict]]:
     """Gradio's ``validator`` for the Run event: :func:`checked_request` on the page's inputs, run when a
     request arrives, before it is queued (so a bad or oversized request never waits for, nor blocks, the
     single worker). Returns one ``gr.validate`` per input: the message on the parameter at fault, or on the
-    image for the image's own faults (missing, unreadable, over the size bound)."""
+    image for the image's own faults (missing, unreadable, over the size bound). ``limits``: as
+    :func:`checked_request`'s."""
     import gradio as gr
 
     from cldm.pipeline import ParamError
@@ -110,7 +167,7 @@ def make_validator(uncond_hint: bool = True) -> Callable[..., list[dict]]:
     def validate(*inputs: object) -> list[dict]:
         at, message = None, ""
         try:
-            checked_request(uncond_hint, *inputs)  # type: ignore[arg-type]
+            checked_request(uncond_hint, *inputs, limits=limits)  # type: ignore[arg-type]
         except ParamError as err:
             at, message = INPUTS.index(err.name), str(err)
         except ValueError as err:
@@ -120,16 +177,18 @@ def make_validator(uncond_hint: bool = True) -> Callable[..., list[dict]]:
     return validate
 
 
-def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., list]:
+def make_process(
+    pipe: Canny2Image, uncond_hint: bool = True, limits: Mapping[str, tuple[float, float]] | None = None
+) -> Callable[..., list]:
     """The page's ``process`` (the inputs of :data:`INPUTS`, in that order), bound to ``pipe``; ``uncond_hint``:
     whether the unconditional pass gets the hint too (the reference: yes; the tiny demo: no). It checks the
-    request again (:func:`checked_request`), for calls that skip the validator."""
+    request again (:func:`checked_request`, with the page's ``limits``), for calls that skip the validator."""
     import gradio as gr
 
     from cldm.pipeline import read_image
 
     def process(
-        input_image: str | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
+        input_image: str | dict | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
         image_resolution: float, ddim_steps: float, guess_mode: bool, strength: float, scale: float,
         seed: float, eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim",
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to inject the page's progress bar
@@ -138,10 +197,11 @@ def make_process(pipe: Canny2Image, uncond_hint: bool = True) -> Callable[..., l
         try:
             path, params = checked_request(uncond_hint, input_image, prompt, a_prompt, n_prompt, num_samples,
                                            image_resolution, ddim_steps, guess_mode, strength, scale, seed, eta,
-                                           low_threshold, high_threshold, sampler)  # fmt: skip
-            image = read_image(path, notify=gr.Info)  # an animation: the page says the first frame is used
+                                           low_threshold, high_threshold, sampler, limits=limits)  # fmt: skip
+            # an animation: the page says the first frame is used
+            image = read_image(path, notify=lambda message: gr.Info(shown(message, path)))
         except ValueError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            raise gr.Error(shown(str(err), upload_path(input_image)), print_exception=False) from None
         steps = pipe.sampling_steps(params.ddim_steps, params.sampler)
         desc = f"{params.sampler.upper()} sampling"
         progress((0, steps), desc=desc, unit="steps")
@@ -204,8 +264,14 @@ def build_page(
                                      format="png")  # fmt: skip
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
                   strength, scale, seed, eta, low_threshold, high_threshold, sampler]  # fmt: skip
-        run_button.click(fn=make_process(pipe, d.uncond_hint), inputs=inputs, outputs=[gallery], concurrency_limit=1,
-                         validator=make_validator(d.uncond_hint))  # fmt: skip
+        # the inputs reach the validator unprocessed (checked_request converts them), so that Gradio's own checks
+        # (a slider's limits, a number's type, a readable image) do not refuse first with no message on the input;
+        # Gradio still refuses a file that was not uploaded (a server path) before anything runs
+        limits = {name: (c.minimum, c.maximum) for name, c in zip(INPUTS, inputs, strict=True)
+                  if isinstance(c, gr.Slider)}  # fmt: skip
+        run_button.click(fn=make_process(pipe, d.uncond_hint, limits), inputs=inputs, outputs=[gallery],
+                         concurrency_limit=1, validator=make_validator(d.uncond_hint, limits),
+                         preprocess=False)  # fmt: skip
     page.queue(default_concurrency_limit=1)
     return page
 
@@ -239,7 +305,7 @@ def launch_options(args: argparse.Namespace) -> dict:
         auth = parse_auth(args.auth.split(","), "--auth")
     elif args.auth_file is not None:
         try:
-            text = Path(args.auth_file).read_text(encoding="utf-8")
+            text = Path(args.auth_file).read_text(encoding="utf-8-sig")  # a BOM (e.g. Windows Notepad) is dropped
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"--auth-file {args.auth_file}: cannot read it ({getattr(err, 'strerror', None) or err})"
                              ) from None  # fmt: skip

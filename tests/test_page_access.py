@@ -17,7 +17,15 @@ httpx = pytest.importorskip("httpx")
 
 import gradio_canny2image  # noqa: E402
 from cldm.pipeline import Canny2Image  # noqa: E402
-from gradio_canny2image import INPUTS, build_page, build_parser, launch_options, main, make_validator  # noqa: E402
+from gradio_canny2image import (  # noqa: E402
+    INPUTS,
+    build_page,
+    build_parser,
+    checked_request,
+    launch_options,
+    main,
+    make_validator,
+)
 
 MB = 2**20
 
@@ -43,7 +51,7 @@ class StubPipe:
     def __init__(self) -> None:
         self.calls: list[tuple[int, ...]] = []
 
-    def sampling_steps(self, ddim_steps: int) -> int:
+    def sampling_steps(self, ddim_steps: int, sampler: str) -> int:
         return ddim_steps
 
     def __call__(self, image: np.ndarray, params: object, **kwargs: object) -> tuple[list[np.ndarray], int]:
@@ -72,12 +80,15 @@ def upload(client: httpx.Client, path: Path) -> httpx.Response:
     return client.post("/gradio_api/upload", files={"files": (path.name, path.read_bytes())})
 
 
-def join(client: httpx.Client, image: str, name: str, image_resolution: int = 64) -> httpx.Response:
-    """Submit a Run request (the page's inputs, INPUTS, small values) to the queue, as the page's client does."""
+def join(client: httpx.Client, image: str, name: str, image_resolution: int = 512, **values: object) -> httpx.Response:
+    """Submit a Run request (the page's inputs, INPUTS, small values, ``values`` by name) to the queue, as the
+    page's client does."""
     deps = client.get("/config").json()["dependencies"]
     (fn_index,) = [i for i, d in enumerate(deps) if d.get("api_name") == "process"]
     data = [{"path": image, "orig_name": name, "meta": {"_type": "gradio.FileData"}}, "red circle", "", "", 1,
             image_resolution, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim"]  # fmt: skip
+    for input_name, value in values.items():
+        data[INPUTS.index(input_name)] = value
     body = {"data": data, "fn_index": fn_index, "session_hash": "test", "event_data": None, "trigger_id": None}
     return client.post("/gradio_api/queue/join", json=body)
 
@@ -100,6 +111,72 @@ def test_oversized_request_is_refused_before_it_is_queued(open_page, tmp_path: P
     assert pipe.calls in ([], [(64, 1024)])  # only the accepted request may have reached the worker
 
 
+@pytest.mark.parametrize("how", ["direct", "traversal", "symlink"])
+def test_a_server_path_in_place_of_an_upload_is_refused(open_page, tmp_path: Path, how: str) -> None:
+    """A request naming a server file (not one uploaded through the page) is refused by Gradio before our
+    validator or the worker sees it, the file is not copied into Gradio's cache, and /gradio_api/file= does not
+    serve it. (``gradio_client`` uploads a local file named in a FileData from the client's own machine: that
+    is an upload, not a server path.)"""
+    from gradio.utils import get_upload_folder
+
+    client, pipe = open_page
+    secret = png(tmp_path / f"secret-{tmp_path.name}.png", 8, 8)  # a name no other test uses
+    named = {"direct": str(secret), "traversal": f"{get_upload_folder()}/x/../..{secret}", "symlink": None}[how]
+    if how == "symlink":  # a link inside the upload folder pointing out of it
+        link_dir = Path(get_upload_folder()) / f"link-{tmp_path.name}"
+        link_dir.mkdir(parents=True)
+        (link_dir / secret.name).symlink_to(secret)
+        named = str(link_dir / secret.name)
+    try:
+        refused = join(client, named, secret.name)
+        assert refused.status_code == 400
+        assert refused.json()["detail"].endswith("to the gradio cache dir because it was not uploaded by a user.")
+        assert pipe.calls == []
+        copies = [p for p in Path(get_upload_folder()).glob(f"*/{secret.name}") if not p.is_symlink()]
+        assert copies == []
+        assert client.get(f"/gradio_api/file={secret}").status_code == 403
+    finally:
+        if how == "symlink":
+            (link_dir / secret.name).unlink()
+            link_dir.rmdir()
+
+
+@pytest.mark.parametrize(
+    "values,at,message",
+    [
+        (
+            {"image_resolution": 4096},
+            "image_resolution",
+            "image_resolution must be between 256 and 768 on this page, got 4096",
+        ),
+        ({"num_samples": 100}, "num_samples", "num_samples must be between 1 and 12 on this page, got 100"),
+        ({"ddim_steps": 101}, "ddim_steps", "ddim_steps must be between 1 and 100 on this page, got 101"),
+        ({"ddim_steps": None}, "ddim_steps", "ddim_steps must be a number, got None"),
+        ({"seed": "abc"}, "seed", "seed must be a number, got 'abc'"),
+        ({"eta": "x"}, "eta", "eta must be a number, got 'x'"),
+        ({"strength": None}, "strength", "strength must be a number, got None"),
+        ({"prompt": 5}, "prompt", "prompt must be text, got 5"),
+        ({"sampler": "nope"}, "sampler", "sampler (--sampler): "),
+        ({"text": True}, "input_image", "notes.txt: cannot read image (UnidentifiedImageError)"),
+    ],
+)
+def test_values_gradio_would_refuse_get_the_validators_message(
+    open_page, tmp_path: Path, values: dict, at: str, message: str
+) -> None:
+    """Out of a slider's limits, not a number, not an image: refused with the message on the input at fault
+    (HTTP 422), not by Gradio's component checks (HTTP 400, no message on the page)."""
+    client, pipe = open_page
+    image = tmp_path / "notes.txt" if values.pop("text", False) else png(tmp_path / "ok.png", 8, 8)
+    if image.suffix == ".txt":
+        image.write_text("not an image")
+    (path,) = upload(client, image).json()
+    refused = join(client, path, image.name, **values)
+    assert refused.status_code == 422, refused.text
+    said = [(v["parameter_name"], v["message"]) for v in refused.json()["detail"] if not v["is_valid"]]
+    assert len(said) == 1 and said[0][0] == at and said[0][1].startswith(message), said
+    assert pipe.calls == []
+
+
 @pytest.mark.parametrize("size,status", [(MB, 200), (MB + 1, 413)])
 def test_uploads_over_the_limit_are_refused(open_page, tmp_path: Path, size: int, status: int) -> None:
     client, _ = open_page
@@ -120,6 +197,16 @@ def test_login_is_required_with_an_auth_file(tmp_path: Path) -> None:
         assert client.post("/login", data={"username": "ann", "password": "s3cret"}).status_code == 400
         assert client.post("/login", data={"username": "ann", "password": "s3cret:with,colon"}).status_code == 200
         assert client.get("/config").status_code == 200
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_auth_file_saved_with_a_bom_keeps_its_first_user(tmp_path: Path, newline: str) -> None:
+    """Windows Notepad saves UTF-8 with a byte-order mark (and CRLF line ends): the first user is ``ann``, not
+    ``\\ufeffann``."""
+    auth = tmp_path / "page.auth"
+    auth.write_bytes(newline.join(["ann:pw", "bob:x y"]).encode("utf-8-sig"))
+    assert auth.read_bytes().startswith(b"\xef\xbb\xbfann:")
+    assert options("--auth-file", str(auth))["auth"] == [("ann", "pw"), ("bob", "x y")]
 
 
 def test_launch_options_defaults() -> None:
@@ -218,15 +305,41 @@ def test_validator_puts_the_message_on_the_input_at_fault(
     assert message in said if message else said == ""
 
 
+BOMB = "bomb96m.png: image too large to decode safely (over 1000 pixels, Pillow's decompression-bomb limit)"
+
+
+@pytest.mark.parametrize(
+    "broken,message", [(False, BOMB), (True, "bomb96m.png: cannot read image (UnidentifiedImageError)")]
+)
+def test_image_messages_name_the_file_not_the_servers_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, broken: bool, message: str
+) -> None:
+    """An upload lives in Gradio's cache (``/tmp/gradio/<hash>/name.png``): the page's message names the file."""
+    image = png(tmp_path / "bomb96m.png", 64, 64)
+    if broken:
+        image.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice this: Pillow's bomb error
+    given = [str(image), "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim"]
+    verdicts = make_validator()(*given)
+    assert [v["message"] for v in verdicts if not v["is_valid"]] == [message]
+    with pytest.raises(gr.Error) as raised:
+        gradio_canny2image.make_process(StubPipe())(*given)  # type: ignore[arg-type]
+    assert raised.value.message == message
+
+
 def test_upload_reaches_read_image_as_the_users_file(tmp_path: Path) -> None:
-    """The page's image component hands over the uploaded file itself (no conversion by Gradio), so a 16-bit
+    """The Run event hands over the uploaded file itself (no preprocessing, so no conversion by Gradio): a 16-bit
     PNG is scaled by read_image (not clipped to white by an RGB conversion) and nothing is decoded before the
     checks."""
-    from gradio.data_classes import ImageData
+    from cldm.pipeline import read_image
 
     sixteen = tmp_path / "depth.png"
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(sixteen)
     assert Image.open(sixteen).mode.startswith("I")
     page = build_page(StubPipe())  # type: ignore[arg-type]
-    (component,) = [b for b in page.blocks.values() if isinstance(b, gr.Image)]
-    assert component.preprocess(ImageData(path=str(sixteen), orig_name="depth.png")) == str(sixteen)
+    (run,) = [fn for fn in page.fns.values() if fn.name == "process"]
+    assert run.preprocess is False
+    sent = {"path": str(sixteen), "orig_name": "depth.png", "meta": {"_type": "gradio.FileData"}}
+    path, _ = checked_request(True, sent, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200)
+    assert path == str(sixteen)
+    assert np.unique(read_image(path)).tolist() == [round(40000 / 257)]
