@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None,
                    help="training size in pixels, a multiple of 64 (default: the images' own size, as the reference)")
     p.add_argument("--resize", choices=["none", "center-crop", "stretch"], default=None,
-                   help="images not at --resolution: center-crop (default; shorter side scaled, as diffusers), "
-                        "stretch (both sides scaled) or none (refused before training)")
+                   help="with --resolution, what happens to images of another size: center-crop (the default "
+                        "once --resolution is given; shorter side scaled, as diffusers), stretch (both sides scaled) "
+                        "or none (refused before training); without --resolution images keep their own size")
     p.add_argument("--batch-size", type=int, default=4, help="batch size per process (default: %(default)s)")
     p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-5, help="AdamW learning rate")
     p.add_argument("--sd-locked", action=argparse.BooleanOptionalAction, default=True,
@@ -79,7 +80,8 @@ def check_args(args: argparse.Namespace) -> None:
 
     check_resolution(args.resolution, SIZE_MULTIPLE, "--resolution")
     if args.resize not in (None, "none") and args.resolution is None:
-        raise ValueError(f"--resize {args.resize} needs --resolution (the size to resize to)")
+        raise ValueError(f"--resize {args.resize} needs --resolution (the size to resize to); without "
+                         "--resolution images are used at their own size")
     if args.resume is None and not Path(args.init_ckpt).is_file():
         raise ValueError(f"{args.init_ckpt}: initial checkpoint not found (make it with tool_add_control.py)")
     if args.webdataset is None and not (Path(args.data) / "prompt.json").is_file():
@@ -207,7 +209,8 @@ def prepare_training(args: argparse.Namespace, callbacks: list | None = None) ->
 
 
 def train(args: argparse.Namespace, callbacks: list | None = None) -> None:
-    """Train as the flags of :func:`build_parser` say (errors as :func:`prepare_training`)."""
+    """Train as the flags of :func:`build_parser` say (errors as :func:`prepare_training`; during training,
+    ``cldm.data.DataError`` naming an image whose pixels cannot be decoded, ``OSError`` for a failed save)."""
     trainer, model, dataloader, ckpt_path = prepare_training(args, callbacks)
     trainer.fit(model, dataloader, ckpt_path=ckpt_path)
 
@@ -219,9 +222,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
+    from cldm.data import DataError
+
     try:
         trainer.fit(model, dataloader, ckpt_path=ckpt_path)
-    except OSError as err:  # e.g. a checkpoint that cannot be written: the disk is full
+    except (DataError, OSError) as err:  # an image whose pixels cannot be decoded; a full disk at a save
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -14,12 +14,15 @@ Sizes (``resolution``, ``resize``): without a resolution, or with ``resize="none
 resolution that size must be (resolution, resolution). With a resolution and ``resize="center-crop"`` (the
 default; diffusers' ``train_controlnet.py``) the shorter side is scaled to the resolution and the centre is
 cropped; ``resize="stretch"`` scales both sides to it (aspect ratio not kept). Scaling uses ``cv2.INTER_AREA``
-when shrinking and ``cv2.INTER_LINEAR`` when enlarging. The ``check`` methods look at a whole data set (file
-headers only) before training and raise a one-line ``ValueError`` naming the first file that cannot be used.
+when shrinking and ``cv2.INTER_LINEAR`` when enlarging. Either mode refuses an image whose long side is more than
+:data:`MAX_ASPECT` times its short side, so that no scaled image exceeds ``MAX_ASPECT * resolution`` on its long
+side. The ``check`` methods look at a whole data set (file headers only) before training and raise a one-line
+:class:`DataError` naming the first file that cannot be used; reading an item raises the same class.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import io
 import json
@@ -49,29 +52,61 @@ SIZE_MULTIPLE = 64
 ASPECT_TOLERANCE = 0.01  # relative difference of a pair's aspect ratios that resizing still lines up
 EXIF_ORIENTATION = 0x0112
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# Longest side / shortest side an image may have when it is resized: bounds the scaled image (center-crop
+# scales the short side to the resolution) to MAX_ASPECT * resolution on its long side.
+MAX_ASPECT = 8
+_WORKER_PREFIX = "Caught "  # torch's DataLoader re-raises a worker's error as "Caught X in DataLoader worker ..."
 Size = tuple[int, int]  # (width, height) in pixels
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+class DataError(ValueError):
+    """Training data that cannot be used (the one-line message names the file, or prompt.json and the line).
+
+    Raised in a DataLoader worker process, torch re-raises it in the main process as the same class with the
+    worker's traceback as its message; that message is turned back into the original line here."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_unwrap_worker_message(message, type(self)))
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A file the training data names does not exist (also a ``FileNotFoundError``)."""
+
+
+class ImageSizeError(DataError):
+    """An image whose size the chosen resolution and resize mode cannot train on (the message names the file)."""
+
+
+def _unwrap_worker_message(message: str, cls: type) -> str:
+    """The original message of ``cls`` inside torch's "Caught ... in DataLoader worker process N. Original
+    Traceback ..." text (its last line is ``module.Class: message``); any other message unchanged."""
+    if not message.startswith(_WORKER_PREFIX) or "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().rsplit("\n", 1)[-1]
+    prefix = f"{cls.__module__}.{cls.__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else message
 
 
 # ---------------------------------------------------------------------------------------------------- images
 
 
 def decode_rgb(data: bytes, name: str) -> np.ndarray:
-    """Decode encoded image bytes to (H, W, 3) uint8 RGB; ``name`` is used in the error message."""
+    """Decode encoded image bytes to (H, W, 3) uint8 RGB. Raises :class:`DataError` naming ``name`` when OpenCV
+    cannot decode them (e.g. a truncated JPEG, PNG pixel data that does not inflate)."""
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise ValueError(f"{name}: unreadable image")
+        raise DataError(f"{name}: unreadable image (the pixel data cannot be decoded: truncated or corrupt)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file to (H, W, 3) uint8 RGB; FileNotFoundError / ValueError name the file."""
+    """Read an image file to (H, W, 3) uint8 RGB; :class:`MissingDataError` / :class:`DataError` name the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: image not found")
+        raise MissingDataError(f"{path}: image not found")
     return decode_rgb(path.read_bytes(), str(path))
-
-
-class ImageSizeError(ValueError):
-    """An image whose size the chosen resolution and resize mode cannot train on (the message names the file)."""
 
 
 def shown_size(size: Size) -> str:
@@ -81,9 +116,9 @@ def shown_size(size: Size) -> str:
 def header_size(source: Path | bytes, name: str) -> Size:
     """(width, height) of an image as :func:`decode_rgb` will return it (EXIF orientation applied), read from
     the file's header without decoding the pixels; PNG chunks are CRC-checked, so a truncated PNG is found.
-    ``source``: a path or the encoded bytes. Raises ``FileNotFoundError`` / ``ValueError`` naming ``name``."""
+    ``source``: a path or the encoded bytes. Raises :class:`MissingDataError` / :class:`DataError` naming ``name``."""
     if isinstance(source, Path) and not source.is_file():
-        raise FileNotFoundError(f"{name}: image not found")
+        raise MissingDataError(f"{name}: image not found")
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
             width, height = image.size
@@ -93,9 +128,9 @@ def header_size(source: Path | bytes, name: str) -> Size:
             image.verify()
     except Exception as err:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, struct.error...)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{name}: unreadable image ({reason})") from None
+        raise DataError(f"{name}: unreadable image ({reason})") from None
     if isinstance(source, Path) and not cv2.haveImageReader(str(source)):
-        raise ValueError(f"{name}: unreadable image (a format OpenCV cannot decode)")
+        raise DataError(f"{name}: unreadable image (a format OpenCV cannot decode)")
     if exif.get(EXIF_ORIENTATION) in ROTATED_ORIENTATIONS:
         return height, width
     return width, height
@@ -107,6 +142,8 @@ def check_pair(target: Size, source: Size, target_name: str, source_name: str, r
     ``resolution`` with ``resize`` (see the module docstring); ``multiple``: what every side must divide by
     when images are used as they are."""
     if resolution is not None and resize != "none":
+        check_aspect(target, target_name, resolution)
+        check_aspect(source, source_name, resolution)
         if abs(source[0] * target[1] - target[0] * source[1]) > ASPECT_TOLERANCE * target[0] * source[1]:
             raise ImageSizeError(f"{source_name}: {shown_size(source)}, but its target {target_name} is "
                                  f"{shown_size(target)}: other proportions would not line up after resizing")
@@ -146,6 +183,14 @@ def check_sizes(pairs: Iterable[tuple[str, Size, str, Size]], resolution: int | 
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def check_aspect(size: Size, name: str, resolution: int) -> None:
+    """Raise :class:`ImageSizeError` naming ``name`` when a (width, height) image is too thin to resize to
+    ``resolution``: its long side more than :data:`MAX_ASPECT` times its short side."""
+    if max(size) > MAX_ASPECT * min(size):
+        raise ImageSizeError(f"{name}: {shown_size(size)}: sides further apart than {MAX_ASPECT}:1, too thin to "
+                             f"resize to {shown_size((resolution, resolution))} (crop it first)")
+
+
 def scale_to(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     """Resize (H, W, C) uint8 to (height, width, C): ``INTER_AREA`` when shrinking, ``INTER_LINEAR`` otherwise."""
     if rgb.shape[:2] == (height, width):
@@ -156,9 +201,12 @@ def scale_to(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def fit_image(rgb: np.ndarray, resolution: int | None, resize: str) -> np.ndarray:
     """(H, W, C) uint8 to (resolution, resolution, C) by ``resize`` (``center-crop``: shorter side scaled to
-    ``resolution``, centre kept; ``stretch``: both sides scaled); ``None`` or ``"none"``: unchanged."""
+    ``resolution``, centre kept; ``stretch``: both sides scaled); ``None`` or ``"none"``: unchanged. The scaled
+    image is at most ``MAX_ASPECT * resolution`` on its long side: a thinner image raises :class:`ImageSizeError`
+    (:func:`check_aspect`) before anything is allocated."""
     if resolution is None or resize == "none":
         return rgb
+    check_aspect(decoded_size(rgb), "image", resolution)
     if resize == "stretch":
         return scale_to(rgb, resolution, resolution)
     height, width = rgb.shape[:2]
@@ -209,29 +257,35 @@ def is_inside(relative: str) -> bool:
 
 
 def read_prompt_lines(path: Path) -> list[dict[str, str]]:
-    """Parse a prompt.json (one JSON object per line with str source/target/prompt); blank lines are skipped.
-    ``ValueError`` names the line of a malformed entry or of a source/target outside the folder (:func:`is_inside`)."""
+    """Parse a prompt.json: UTF-8 text (a leading byte order mark is accepted), one JSON object per line with
+    str source/target/prompt; blank lines are skipped. :class:`MissingDataError` when it does not exist;
+    :class:`DataError` names the file and line of text that is not UTF-8, of a malformed entry, or of a
+    source/target outside the folder (:func:`is_inside`)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt file not found")
+        raise MissingDataError(f"{path}: prompt file not found")
     entries = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed line: {err.msg}") from err
-            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in PROMPT_FIELDS):
-                raise ValueError(f"{path}:{lineno}: malformed line: expected an object with str fields "
-                                 f"{', '.join(PROMPT_FIELDS)}")
-            for field in ("source", "target"):
-                if not is_inside(entry[field]):
-                    raise ValueError(f"{path}:{lineno}: {field} {entry[field]!r} is outside the data folder "
-                                     "(paths must be relative, without '..')")
-            entries.append({k: entry[k] for k in PROMPT_FIELDS})
+    for lineno, raw in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                            "save prompt.json as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: malformed line: {err.msg}") from None
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in PROMPT_FIELDS):
+            raise DataError(f"{path}:{lineno}: malformed line: expected an object with str fields "
+                            f"{', '.join(PROMPT_FIELDS)}")
+        for field in ("source", "target"):
+            if not is_inside(entry[field]):
+                raise DataError(f"{path}:{lineno}: {field} {entry[field]!r} is outside the data folder "
+                                "(paths must be relative, without '..')")
+        entries.append({k: entry[k] for k in PROMPT_FIELDS})
     if not entries:
-        raise ValueError(f"{path}: no samples")
+        raise DataError(f"{path}: no samples")
     return entries
 
 
@@ -239,8 +293,9 @@ class Fill50kDataset(Dataset):
     """Map-style dataset over a fill50k-style folder: ``root/prompt.json`` plus the images it names.
 
     Item ``i`` is the reference sample dict (see module docstring), its images fitted to ``resolution`` by
-    ``resize`` (module docstring); a pair whose sizes do not fit raises :class:`ImageSizeError`. Call
-    :meth:`check` to look at every pair before training.
+    ``resize`` (module docstring); a pair whose sizes do not fit raises :class:`ImageSizeError`, an image whose
+    pixels cannot be decoded :class:`DataError`, a missing one :class:`MissingDataError`. Call :meth:`check` to
+    look at every pair (headers only) before training.
     """
 
     def __init__(self, root: str | Path = "./training/fill50k", resolution: int | None = None,
@@ -262,8 +317,8 @@ class Fill50kDataset(Dataset):
 
     def check(self, batch_size: int = 1, multiple: int = 1) -> Size | None:
         """Read the header of every image (:func:`header_size`, no pixel decoding) and check the pairs with
-        :func:`check_sizes` (its arguments and return value). Raises ``FileNotFoundError`` / ``ValueError``
-        (:class:`ImageSizeError` for sizes) naming the first bad file."""
+        :func:`check_sizes` (its arguments and return value). Raises :class:`MissingDataError` /
+        :class:`DataError` (:class:`ImageSizeError` for sizes) naming the first bad file."""
 
         def headers() -> Iterator[tuple[str, Size, str, Size]]:
             for idx in range(len(self)):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from cldm.data import write_webdataset
 from cldm.model import create_model
 from ldm.modules.diffusionmodules.util import set_activation_checkpointing
 from tests.conftest import REPO, TINY_CONFIG, with_flags
+from tests.test_training_data import corrupt_idat_png
 from tools.make_fill50k import make_fill50k
 from tools.make_random_checkpoint import fill_zero_parameters, make_random_checkpoint
 
@@ -587,3 +589,39 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(
         f"error: {tmp_path / 'checkpoints' / 'step=000001.ckpt'}: cannot write the checkpoint "
         "([enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0)")
     assert not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("kind,workers", [("jpeg", 0), ("png", 1)])
+def test_an_image_that_cannot_be_decoded_mid_run_is_one_line(
+    ini_ckpt: Path, fill50k: Path, tmp_path: Path, capsys: pytest.CaptureFixture, kind: str, workers: int
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(fill50k, data)
+    bad = data / "target" / ("1.jpg" if kind == "jpeg" else "1.png")
+    if kind == "jpeg":  # a download cut at 60%: the header is whole, the pixels are not
+        jpeg = tmp_path / "whole.jpg"
+        Image.open(fill50k / "target" / "1.png").save(jpeg)
+        bad.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size * 6 // 10])
+        (data / "target" / "1.png").unlink()
+        prompt = data / "prompt.json"
+        prompt.write_text(prompt.read_text().replace('"target/1.png"', '"target/1.jpg"'))
+    else:  # pixel data that does not inflate, every chunk CRC right
+        bad.write_bytes(corrupt_idat_png())
+    args = with_flags(train_args(ini_ckpt, data, tmp_path / "logs", "--max-steps", "4"),
+                      ["--num-workers", str(workers), "--ckpt-every", "1000"])  # fmt: skip
+    assert tutorial_train.main(args) == 1  # 8 pairs in batches of 2: the first epoch draws target/1.jpg
+    err = capsys.readouterr().err  # the progress bar's lines, then the error
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"error: {bad}: unreadable image "
+                                                 "(the pixel data cannot be decoded: truncated or corrupt)")
+
+
+def test_a_first_run_in_a_new_log_dir_gives_no_leftover_warning(tmp_path: Path) -> None:
+    from cldm.checkpoint import check_writable_dir
+    from cldm.training import AppendingCSVLogger
+
+    check_writable_dir(tmp_path / "logs" / "checkpoints")  # what tutorial_train does before the logger starts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Lightning's "Experiment logs directory ... exists and is not empty"
+        AppendingCSVLogger(tmp_path / "logs").experiment.log_metrics({"loss": 1.0}, step=0)
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["checkpoints"]  # metrics are written at save

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -518,6 +519,104 @@ def test_symlinked_images_inside_the_folder_are_read(tmp_path: Path) -> None:
     dataset = Fill50kDataset(folder)
     assert dataset.check() == (64, 64)
     np.testing.assert_allclose((dataset[0]["jpg"][0, 0] + 1) * 127.5, [1, 2, 3], atol=1e-4)
+
+
+def truncated_jpeg(fraction: float) -> bytes:
+    """A noisy 64x64 JPEG cut to ``fraction`` of its length (an interrupted download): its header is sound."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = png_bytes(noise, "JPEG")
+    return data[: int(len(data) * fraction)]
+
+
+def corrupt_idat_png() -> bytes:
+    """A 64x64 PNG whose pixel data does not inflate, every chunk CRC still right (what Pillow's verify checks)."""
+    data = bytearray(png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    start = data.index(b"IDAT")
+    length = int.from_bytes(data[start - 4 : start], "big")
+    for i in range(start + 4 + length // 2, start + 4 + length // 2 + 16):
+        data[i] ^= 0xFF
+    crc_at = start + 4 + length
+    data[crc_at : crc_at + 4] = zlib.crc32(bytes(data[start:crc_at])).to_bytes(4, "big")
+    return bytes(data)
+
+
+UNDECODABLE = {"jpeg-30%": truncated_jpeg(0.3), "jpeg-90%": truncated_jpeg(0.9), "png-idat": corrupt_idat_png()}
+
+
+@pytest.mark.parametrize("kind", list(UNDECODABLE))
+def test_undecodable_pixels_pass_the_header_check_and_raise_data_error(tmp_path: Path, kind: str) -> None:
+    good = flat(64, 64)
+    folder = write_folder(tmp_path / "data", [(good, good), (good, UNDECODABLE[kind])])
+    dataset = Fill50kDataset(folder)
+    assert dataset.check() == (64, 64)  # headers only: this is found when the sample is drawn
+    with pytest.raises(data.DataError) as caught:
+        dataset[1]
+    assert str(caught.value) == (f"{folder / 'target' / '1.png'}: unreadable image "
+                                 "(the pixel data cannot be decoded: truncated or corrupt)")  # fmt: skip
+
+
+def test_data_errors_keep_their_line_through_dataloader_workers(tmp_path: Path) -> None:
+    good = flat(64, 64)
+    folder = write_folder(tmp_path / "data", [(good, good), (good, corrupt_idat_png())])
+    (folder / "source" / "0.png").unlink()
+    for index, error, message in [(1, data.DataError, f"{folder / 'target' / '1.png'}: unreadable image"),
+                                  (0, data.MissingDataError, f"{folder / 'source' / '0.png'}: image not found")]:
+        subset = torch.utils.data.Subset(Fill50kDataset(folder), [index])
+        with pytest.raises(error) as caught:
+            next(iter(torch.utils.data.DataLoader(subset, num_workers=1)))
+        assert str(caught.value).startswith(message) and "\n" not in str(caught.value), str(caught.value)
+    assert issubclass(data.MissingDataError, FileNotFoundError) and issubclass(data.ImageSizeError, data.DataError)
+
+
+@pytest.mark.parametrize("resize", ["center-crop", "stretch"])
+@pytest.mark.parametrize("size", [(1, 20000), (20000, 1), (64, 513)], ids=["1x20000", "20000x1", "64x513"])
+def test_thin_images_are_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str], resize: str,
+                                                 size: tuple[int, int]) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(64, 64), flat(64, 64)), (flat(*size), flat(*size))])
+    err = one_line_error(*train_cli(tmp_path, folder, capsys, "--resolution", "512", "--resize", resize))
+    assert err == (f"error: {folder / 'target' / '1.png'}: {size[0]}x{size[1]}: sides further apart than 8:1, "
+                   "too thin to resize to 512x512 (crop it first)")  # fmt: skip
+
+
+@pytest.mark.parametrize("resize", ["center-crop", "stretch"])
+def test_fit_image_scales_within_the_aspect_bound(resize: str) -> None:
+    for height, width in [(2000, 1), (1, 2000), (8, 65)]:  # center-crop would scale 1x2000 to 64x128000
+        with pytest.raises(data.ImageSizeError, match=f"{width}x{height}: sides further apart than 8:1"):
+            data.fit_image(np.zeros((height, width, 3), np.uint8), 64, resize)
+    for height, width in [(8, 64), (512, 64), (1, 1)]:  # 8:1 is the most allowed
+        assert data.fit_image(np.zeros((height, width, 3), np.uint8), 64, resize).shape == (64, 64, 3)
+    assert data.fit_image(np.zeros((1, 2000, 3), np.uint8), 64, "none").shape == (1, 2000, 3)  # not resized
+
+
+def test_prompt_json_that_is_not_utf8_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(64, 64), flat(64, 64))] * 3)
+    prompt = folder / "prompt.json"
+    lines = prompt.read_text().splitlines()
+    lines[1] = lines[1].replace('"p1"', '"café"')
+    prompt.write_bytes("\n".join(lines).encode("latin-1") + b"\n")  # é is the one byte 0xe9 in Latin-1
+    err = one_line_error(*train_cli(tmp_path, folder, capsys))
+    column = lines[1].index("é") + 1
+    assert err == f"error: {prompt}:2: not UTF-8 text (byte 0xe9 at column {column}); save prompt.json as UTF-8"
+    with pytest.raises(data.DataError, match=r"prompt\.json:2: not UTF-8"):
+        Fill50kDataset(folder)
+
+
+def test_prompt_json_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(64, 64), flat(64, 64))] * 2)
+    prompt = folder / "prompt.json"
+    prompt.write_bytes(b"\xef\xbb\xbf" + prompt.read_text().replace('"p1"', '"caf\u00e9"').encode())
+    dataset = Fill50kDataset(folder)
+    assert dataset.data[0] == {"source": "source/0.png", "target": "target/0.png", "prompt": "p0"}
+    assert dataset.data[1]["prompt"] == "café"
+
+
+def test_resize_without_resolution_says_images_keep_their_size(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_folder(tmp_path / "data", [(flat(64, 64), flat(64, 64))] * 2)
+    err = one_line_error(*train_cli(tmp_path, folder, capsys, "--resize", "center-crop"))
+    assert err == ("error: --resize center-crop needs --resolution (the size to resize to); without --resolution "
+                   "images are used at their own size")  # fmt: skip
+    assert tutorial_train.build_parser().parse_args([]).resize is None  # center-crop only once --resolution is given
 
 
 # ---------------------------------------------------------------------------------------------------- --init-ckpt
