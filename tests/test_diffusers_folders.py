@@ -388,3 +388,51 @@ def test_failed_export_leaves_no_folder(
     assert convert_checkpoint.main([str(whole_file), str(out), "--to", "diffusers", "--config", str(TINY_CONFIG)]) == 1
     assert capsys.readouterr().err == f"error: {out}: cannot write the diffusers folder (No space left on device)\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- folder faults (issue 17 review) -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["unet", "text_encoder", "controlnet"])
+def test_pipeline_part_without_config_json_is_refused(folders: dict, tmp_path: Path, name: str, capsys: Any) -> None:
+    """A part with weights but no config.json was skipped: the output had no UNet and the tool exited 0."""
+    pipe = tmp_path / "pipe"
+    (pipe / name).mkdir(parents=True)
+    for item in folders["pipeline"].iterdir():
+        if item.name != name:
+            (pipe / item.name).symlink_to(item)
+    for file in (folders["pipeline"] / name).iterdir():
+        if file.name != "config.json":
+            (pipe / name / file.name).symlink_to(file)
+    with pytest.raises(CheckpointError, match=rf"^{pipe}: pipeline folder without {name}/config\.json$"):
+        load_state_dict(pipe)
+    out = tmp_path / "out.safetensors"
+    assert convert_checkpoint.main([str(pipe), str(out), "--config", str(TINY_CONFIG)]) == 1
+    assert capsys.readouterr().err == f"error: {pipe}: pipeline folder without {name}/config.json\n"
+    assert not out.exists()
+
+
+def test_sharded_folder_reads_every_shard(models: dict, state_dict: dict, tmp_path: Path) -> None:
+    models["controlnet"].save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").iterdir() if p.suffix == ".safetensors")
+    assert len(shards) > 2 and (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    same(load_state_dict(tmp_path / "sharded"), part(state_dict, CONTROL))
+    (tmp_path / "sharded" / shards[0]).unlink()
+    with pytest.raises(CheckpointError, match=rf"sharded/{shards[0]}: checkpoint file not found"):
+        load_state_dict(tmp_path / "sharded")
+
+
+def test_hub_cache_with_a_missing_blob_names_it(folders: dict, tmp_path: Path) -> None:
+    cache = hub_cache(folders["controlnet"], tmp_path)
+    link = cache / "snapshots" / "0123abcd" / "diffusion_pytorch_model.safetensors"
+    link.resolve().unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(cache)
+    assert str(err.value).startswith(f"{link}: the file it links to (../../blobs/")
+    assert "is missing: an incomplete download" in str(err.value)
+
+
+def test_model_index_json_given_as_checkpoint_says_pass_the_folder(folders: dict) -> None:
+    index = folders["pipeline"] / "model_index.json"
+    with pytest.raises(CheckpointError, match=rf"^{index}: a JSON file, not a checkpoint: .* pass the folder"):
+        load_state_dict(index)
