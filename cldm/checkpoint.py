@@ -291,6 +291,13 @@ def cast_weights(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> 
     }
 
 
+def check_checkpoint_name(path: str | os.PathLike, advice: str = "") -> None:
+    """Raise :class:`CheckpointError` "<path>: not a checkpoint file name (.ckpt, ...)<advice>" unless ``path``
+    ends in one of :data:`CHECKPOINT_SUFFIXES` (case-insensitive): an output name is checked before any work."""
+    if Path(path).suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(f"{path}: not a checkpoint file name ({', '.join(CHECKPOINT_SUFFIXES)}){advice}")
+
+
 def check_writable_dir(folder: str | os.PathLike) -> Path:
     """``folder`` as a ``Path``, created if missing, after writing and deleting a probe file in it, so that an
     output location that cannot be written is found before any slow work. Raises ``OSError`` whose message is

@@ -436,3 +436,44 @@ def test_model_index_json_given_as_checkpoint_says_pass_the_folder(folders: dict
     index = folders["pipeline"] / "model_index.json"
     with pytest.raises(CheckpointError, match=rf"^{index}: a JSON file, not a checkpoint: .* pass the folder"):
         load_state_dict(index)
+
+
+def test_export_whole_from_a_controlnet_alone_names_what_is_missing(
+    exported: Path, tmp_path: Path, capsys: Any
+) -> None:
+    """--to whole from a ControlNet-only input wrote a partial "whole" file and exited 0."""
+    out = tmp_path / "whole.safetensors"
+    assert convert_checkpoint.main([str(exported), str(out), "--config", str(TINY_CONFIG)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {exported} (model of {TINY_CONFIG}): does not match")
+    assert "missing keys (model.diffusion_model." in err and not out.exists()
+
+
+def test_export_checks_the_folder_config_against_the_yaml(exported: Path, tmp_path: Path, capsys: Any) -> None:
+    """attention_head_dim changes no shape: only config.json shows it (as load_model refuses it)."""
+    bad = tmp_path / "heads1"
+    bad.mkdir()
+    (bad / "diffusion_pytorch_model.safetensors").symlink_to(exported / "diffusion_pytorch_model.safetensors")
+    (bad / "config.json").write_text(json.dumps({**json.loads((exported / "config.json").read_text()),
+                                                 "attention_head_dim": 1}))  # fmt: skip
+    out = tmp_path / "c.pth"
+    assert convert_checkpoint.main([str(bad), str(out), "--to", "controlnet", "--config", str(TINY_CONFIG)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {bad / 'config.json'}: attention_head_dim is 1, {TINY_CONFIG} gives 2 (a config.json " \
+        "for another model?)\n"
+    assert convert_checkpoint.main([str(bad), str(out), "--to", "controlnet"]) == 1  # the default config
+    err = capsys.readouterr().err
+    assert f"{convert_checkpoint.DEFAULT_CONFIG} gives" in err and err.count("\n") == 1
+    assert err.endswith("no --config was given: pass --config for another model]\n") and not out.exists()
+
+
+def test_export_with_the_wrong_config_names_the_matching_one(whole_file: Path, tmp_path: Path, capsys: Any) -> None:
+    tiny_copy = tmp_path / "models" / "cldm_tiny.yaml"
+    tiny_copy.parent.mkdir()
+    tiny_copy.write_text(Path(TINY_CONFIG).read_text())
+    v15 = tmp_path / "models" / "cldm_v15.yaml"
+    v15.write_text((Path(TINY_CONFIG).parent / "cldm_v15.yaml").read_text())
+    assert convert_checkpoint.main([str(whole_file), str(tmp_path / "o.safetensors"), "--config", str(v15)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match the model config" in err
+    assert err.rstrip().endswith("cldm_tiny.yaml") and "it matches " in err
