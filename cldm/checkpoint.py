@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -301,7 +302,8 @@ def check_checkpoint_name(path: str | os.PathLike, advice: str = "") -> None:
 def check_writable_dir(folder: str | os.PathLike) -> Path:
     """``folder`` as a ``Path``, created if missing, after writing and deleting a probe file in it, so that an
     output location that cannot be written is found before any slow work. Raises ``OSError`` whose message is
-    one line naming the folder (it is a file, sits under a file, is read-only, or cannot be created)."""
+    one line naming the folder (it is a file, sits under a file, is read-only, is on a filesystem that refuses
+    new files such as ``/proc``, or cannot be created)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OSError(f"{folder}: output folder is a file")
@@ -311,7 +313,10 @@ def check_writable_dir(folder: str | os.PathLike) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise OSError(f"{folder}: output folder cannot be written ({_reason(err)})") from None
+        reason = _reason(err)
+        if err.errno == errno.ENOENT and folder.is_dir():  # the folder is there: its filesystem refuses new files
+            reason = f"its filesystem does not allow new files, e.g. /proc or /sys: {reason}"
+        raise OSError(f"{folder}: output folder cannot be written ({reason})") from None
     return folder
 
 
