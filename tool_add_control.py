@@ -29,21 +29,35 @@ def add_control(
     """``(state dict, keys kept from scratch)``: each key of the ``scratch`` ControlLDM state dict filled from the
     SD checkpoint ``pretrained`` (the ``"sd"`` layout of ``cldm.checkpoint.LAYOUTS``) when it has it, cast to the
     scratch dtype; tensors are copies. Raises ``ValueError`` for a tensor of the wrong shape."""
-    from cldm.checkpoint import control_source_key, convert
+    from cldm.checkpoint import convert
 
     source = convert(pretrained, "sd", "ldm")
+    wrong = wrong_shape(scratch, source)
+    if wrong:
+        raise ValueError(f"{wrong} (wrong --config?)")
     target, new = {}, []
     for key, value in scratch.items():
         found = source.get(key)
         if found is None:
             target[key] = value.clone()
             new.append(key)
-        elif found.shape != value.shape:
-            raise ValueError(f"{control_source_key(key)}: shape {tuple(found.shape)} in the SD checkpoint, "
-                             f"{tuple(value.shape)} expected for {key} (wrong --config?)")  # fmt: skip
         else:
             target[key] = found.to(value.dtype).clone()
     return target, new
+
+
+def wrong_shape(expected: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]) -> str:
+    """The first key of ``expected`` (a ControlLDM state dict; meta tensors do) whose tensor in ``source`` (the
+    ``"ldm"`` layout of the SD checkpoint) has another shape, described as "<SD key>: shape X in the SD
+    checkpoint, Y expected for <key>"; "" when every shared key fits."""
+    from cldm.checkpoint import control_source_key
+
+    for key, value in expected.items():
+        found = source.get(key)
+        if found is not None and found.shape != value.shape:
+            return (f"{control_source_key(key)}: shape {tuple(found.shape)} in the SD checkpoint, "
+                    f"{tuple(value.shape)} expected for {key}")  # fmt: skip
+    return ""
 
 
 def summarize(keys: list[str]) -> str:
@@ -59,14 +73,23 @@ def make_control_checkpoint(
     exists): the ControlLDM of ``config`` with every weight the SD checkpoint has, the ControlNet's encoder copied
     from the UNet's; the rest freshly initialised from ``seed`` (hint convs by ``hint_init``, one of
     ``cldm.cldm.HINT_INITS``; zero convs at zero). Returns ``(copied ControlNet keys, newly initialised keys)``.
-    Raises ``CheckpointError`` for an unreadable input, ``ValueError`` when a shape differs (wrong config) or
-    the input has no UNet weights, ``OSError`` when the output cannot be written."""
-    from cldm.checkpoint import check_writable_dir, load_state_dict, save_checkpoint
+    The shapes are checked against the model built on the meta device before the real model is allocated.
+    Raises ``CheckpointError`` for an unreadable input, ``ValueError`` when a shape differs (naming the file,
+    the config and a config beside it of the file's model family, ``cldm.model.configs_like``) or the input
+    has no UNet weights, ``OSError`` when the output cannot be written."""
+    from cldm.checkpoint import check_writable_dir, convert, load_state_dict, save_checkpoint
     from cldm.cldm import kaiming_init_hint_encoder
-    from cldm.model import create_model
+    from cldm.model import build_model, configs_like, create_model, model_config
 
     check_writable_dir(Path(output_path).parent)  # before the (large) input is read
     pretrained = load_state_dict(input_path)
+    with torch.device("meta"):  # shapes first: the real model is built only for a checkpoint that fits
+        expected = build_model(model_config(config), config).state_dict()
+    wrong = wrong_shape(expected, convert(pretrained, "sd", "ldm"))
+    if wrong:
+        fits = configs_like(pretrained, Path(config))
+        hint = f"; pass --config {fits[0]}" if fits else " (wrong --config?)"
+        raise ValueError(f"{input_path}: does not fit {config}: {wrong}{hint}")
     torch.manual_seed(seed)
     model = create_model(config)
     if hint_init == "kaiming":

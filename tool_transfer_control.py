@@ -38,7 +38,7 @@ DEFAULTS = {
 HELP = {
     "path_sd15": "the SD1.5 checkpoint the ControlNet was made from",
     "path_sd15_with_control": "the ControlNet: a 1.0 whole-model file or a 1.1 ControlNet-only file (control_model.*)",
-    "path_input": "the new base model (an SD1.5 fine-tune, .ckpt or .safetensors)",
+    "path_input": "the new base model (an SD1.5 fine-tune, .ckpt or .safetensors, or a diffusers pipeline folder)",
     "path_output": "the ControlNet for the new base to write (.pth/.ckpt, or .safetensors); must not exist",
 }
 # Parts of a whole model taken from the new base as they are (the reference's first and cond stages).
@@ -123,19 +123,21 @@ def transfer_control_file(
     ``path_input`` (:func:`transfer_control`); returns ``(tensors written, keys kept from the ControlNet)``.
     The output's folder is checked (and created) before anything is read; the write is atomic.
 
+    Each input is a checkpoint file or a diffusers folder (``cldm.checkpoint.load_state_dict``).
     Raises ``ValueError`` for a missing input (naming its flag), an existing output, a file that is not the
     expected kind (no ``control_model.*`` in the ControlNet, no ``model.diffusion_model.*`` in a base, a
     "difference" ControlNet) or a shape mismatch (naming the key); :class:`~cldm.checkpoint.CheckpointError` for
-    an unreadable file; ``OSError`` when the output cannot be written."""
-    from cldm.checkpoint import check_writable_dir, save_checkpoint
+    an unreadable file or an output name without a checkpoint suffix; ``OSError`` when the output cannot be written."""
+    from cldm.checkpoint import check_checkpoint_name, check_writable_dir, save_checkpoint
 
     inputs = {"path_sd15": path_sd15, "path_sd15_with_control": path_sd15_with_control, "path_input": path_input}
     for flag, path in inputs.items():
-        if not Path(path).is_file():
-            raise ValueError(f"{path}: file not found (--{flag})")
+        if not Path(path).exists():  # a file, or a diffusers folder (load_state_dict reads both)
+            raise ValueError(f"{path}: not found (--{flag})")
     output = Path(path_output)
     if output.exists():
         raise ValueError(f"{output}: output file already exists (--path_output)")
+    check_checkpoint_name(output, " (--path_output)")
     check_writable_dir(output.parent)
     print(f"reading {path_sd15_with_control}, {path_sd15}, {path_input}", file=sys.stderr)
     control = _load(path_sd15_with_control, "path_sd15_with_control", "control_model.", "a ControlNet checkpoint")

@@ -82,7 +82,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resize not in (None, "none") and args.resolution is None:
         raise ValueError(f"--resize {args.resize} needs --resolution (the size to resize to); without "
                          "--resolution images are used at their own size")
-    if args.resume is None and not Path(args.init_ckpt).is_file():
+    if args.resume is None and not Path(args.init_ckpt).exists():  # a file or a diffusers folder
         raise ValueError(f"{args.init_ckpt}: initial checkpoint not found (make it with tool_add_control.py)")
     if args.webdataset is None and not (Path(args.data) / "prompt.json").is_file():
         raise ValueError(f"{Path(args.data) / 'prompt.json'}: training data not found "

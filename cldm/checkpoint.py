@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -221,6 +222,9 @@ def read_checkpoint(ckpt_path: str | os.PathLike, location: str = "cpu") -> Mapp
     path = Path(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.suffix.lower() == ".json":
+        raise CheckpointError(f"{path}: a JSON file, not a checkpoint: for a diffusers folder pass the folder "
+                              f"({path.parent})")  # fmt: skip
     try:
         data = _read_checkpoint(path, location)
     except CheckpointError:
@@ -288,10 +292,18 @@ def cast_weights(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> 
     }
 
 
+def check_checkpoint_name(path: str | os.PathLike, advice: str = "") -> None:
+    """Raise :class:`CheckpointError` "<path>: not a checkpoint file name (.ckpt, ...)<advice>" unless ``path``
+    ends in one of :data:`CHECKPOINT_SUFFIXES` (case-insensitive): an output name is checked before any work."""
+    if Path(path).suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(f"{path}: not a checkpoint file name ({', '.join(CHECKPOINT_SUFFIXES)}){advice}")
+
+
 def check_writable_dir(folder: str | os.PathLike) -> Path:
     """``folder`` as a ``Path``, created if missing, after writing and deleting a probe file in it, so that an
     output location that cannot be written is found before any slow work. Raises ``OSError`` whose message is
-    one line naming the folder (it is a file, sits under a file, is read-only, or cannot be created)."""
+    one line naming the folder (it is a file, sits under a file, is read-only, is on a filesystem that refuses
+    new files such as ``/proc``, or cannot be created)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OSError(f"{folder}: output folder is a file")
@@ -301,7 +313,10 @@ def check_writable_dir(folder: str | os.PathLike) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise OSError(f"{folder}: output folder cannot be written ({_reason(err)})") from None
+        reason = _reason(err)
+        if err.errno == errno.ENOENT and folder.is_dir():  # the folder is there: its filesystem refuses new files
+            reason = f"its filesystem does not allow new files, e.g. /proc or /sys: {reason}"
+        raise OSError(f"{folder}: output folder cannot be written ({reason})") from None
     return folder
 
 
@@ -736,6 +751,7 @@ PIPELINE_OPTIONAL = ("controlnet",)  # a StableDiffusionControlNetPipeline's fol
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 WEIGHT_VARIANTS = ("", ".fp16", ".bf16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+SHARD_INDEX = ".index.json"  # <weights name>.index.json: {"weight_map": {key: shard file}} of sharded weights
 CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
 FOLDER_EXPECTED = ("a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors or .bin), a "
                    "Stable Diffusion pipeline folder (model_index.json, unet/, vae/, text_encoder/) or a hub cache "
@@ -763,14 +779,53 @@ def hub_snapshot(folder: str | os.PathLike) -> Path:
     return found[0]
 
 
+def _weight_names() -> list[str]:
+    """The weight file names of a model folder in the order of preference (see :data:`WEIGHT_STEMS`)."""
+    return [f"{stem}{variant}{suffix}" for suffix in WEIGHT_SUFFIXES for variant in WEIGHT_VARIANTS
+            for stem in WEIGHT_STEMS]  # fmt: skip
+
+
 def weights_file(folder: Path) -> Path | None:
-    """The weight file of a diffusers or transformers model folder (see :data:`WEIGHT_STEMS`), or None."""
-    for suffix in WEIGHT_SUFFIXES:
-        for variant in WEIGHT_VARIANTS:
-            for stem in WEIGHT_STEMS:
-                if (folder / f"{stem}{variant}{suffix}").is_file():
-                    return folder / f"{stem}{variant}{suffix}"
-    return None
+    """The weight file of a diffusers or transformers model folder (see :data:`WEIGHT_STEMS`), else the index
+    (``<name>.index.json``) of its sharded weights, or None."""
+    names = _weight_names()
+    return next((folder / n for n in [*names, *(n + SHARD_INDEX for n in names)] if (folder / n).is_file()), None)
+
+
+def _read_weights(path: Path, location: str) -> dict[str, torch.Tensor]:
+    """The tensors of weight file ``path``, or of every shard its ``.index.json`` names (``weight_map``: key ->
+    shard file in the same folder), keys as stored. Raises :class:`CheckpointError` naming the file."""
+    if not path.name.endswith(SHARD_INDEX):
+        return _read_tensors(path, location)
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: no weight_map (key -> shard file) in the index")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(map(str, weight_map.values()))):
+        shard_path = path.parent / shard
+        if shard_path.is_symlink() and not shard_path.exists():
+            raise CheckpointError(_dangling(shard_path))
+        tensors.update(_read_tensors(shard_path, location))
+    missing = [k for k in weight_map if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensors it lists are in no shard ({_shorten(missing)})")
+    return tensors
+
+
+def _dangling(link: Path) -> str:
+    return (f"{link}: the file it links to ({os.readlink(link)}) is missing: an incomplete download; download the "
+            "model again")  # fmt: skip
+
+
+def _no_weights(folder: Path) -> str:
+    """Why model folder ``folder`` has no weight file :func:`weights_file` reads: a dangling hub-cache symlink
+    (its blob was never downloaded), or none of the names."""
+    links = [folder / n for n in _weight_names() for n in (n, n + SHARD_INDEX)]
+    dangling = next((link for link in links if link.is_symlink() and not link.exists()), None)
+    if dangling is not None:
+        return _dangling(dangling)
+    return (f"{folder}: has config.json but no weights (expected diffusion_pytorch_model.safetensors or .bin, or "
+            "model.safetensors, their .fp16. variants, or a sharded <name>.index.json)")  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -799,9 +854,8 @@ def _read_model_folder(folder: Path, location: str) -> StateDict:
                               f"(expected {', '.join(FOLDER_LAYOUTS)})")  # fmt: skip
     path = weights_file(folder)
     if path is None:
-        raise CheckpointError(f"{folder}: has config.json but no weights (expected diffusion_pytorch_model"
-                              ".safetensors or .bin, or model.safetensors, or their .fp16. variants)")  # fmt: skip
-    tensors = _read_tensors(path, location)
+        raise CheckpointError(_no_weights(folder))
+    tensors = _read_weights(path, location)
     try:
         return LAYOUTS[FOLDER_LAYOUTS[cls]].to_ldm(tensors)
     except CheckpointError as err:  # a key without a place: name the file
@@ -809,12 +863,17 @@ def _read_model_folder(folder: Path, location: str) -> StateDict:
 
 
 def _pipeline_parts(folder: Path) -> list[Path]:
-    """The model folders of a pipeline folder to read (required parts, then optional ones present)."""
+    """The model folders of a pipeline folder to read (required parts, then optional ones present). Raises
+    :class:`CheckpointError` for a required part without weights, or any part present without ``config.json``."""
     missing = [name for name in PIPELINE_PARTS if weights_file(folder / name) is None]
     if missing:
         raise CheckpointError(f"{folder}: pipeline folder (model_index.json) without weights in "
                               f"{', '.join(name + '/' for name in missing)}")  # fmt: skip
-    return [folder / name for name in PIPELINE_PARTS + PIPELINE_OPTIONAL if (folder / name / "config.json").is_file()]
+    parts = [folder / name for name in PIPELINE_PARTS + PIPELINE_OPTIONAL if (folder / name).is_dir()]
+    for part in parts:
+        if not (part / "config.json").is_file():
+            raise CheckpointError(f"{folder}: pipeline folder without {part.name}/config.json")
+    return parts
 
 
 def load_folder(folder: str | os.PathLike, location: str = "cpu") -> StateDict:

@@ -152,6 +152,22 @@ def matching_configs(state_dict: Mapping[str, torch.Tensor], config_path: Path, 
     return found
 
 
+def check_with_hint(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str, config_path: Path, base: bool = False
+) -> None:
+    """:func:`~cldm.checkpoint.check_state_dict` of ``state_dict`` (``name``: the file) against ``model``, the model
+    of yaml ``config_path``; when it does not fit but fits another yaml next to it (:func:`matching_configs`), the
+    :class:`~cldm.checkpoint.CheckpointError` ends "; it matches X: pass --config X"."""
+    try:
+        check_state_dict(model, state_dict, name)
+    except CheckpointError as err:
+        matches = matching_configs(state_dict, config_path, base)
+        if not matches:
+            raise
+        shown = _shown(matches[0])
+        raise CheckpointError(f"{err}; it matches {shown}: pass --config {shown}") from None
+
+
 def configs_like(state_dict: Mapping[str, torch.Tensor], config_path: Path) -> list[Path]:
     """The yaml configs next to ``config_path``, itself excluded, whose model (built on the meta device) is of the
     same family (:func:`~cldm.checkpoint.model_family`) and cross-attention width as ``state_dict``: the configs
@@ -330,14 +346,7 @@ def load_model(
         state_dict, name = _read(ckpt_path, expected, Path(config_path)), str(ckpt_path)
     else:
         state_dict, name = compose_state_dict(expected, config_path, ckpt_path, base_ckpt, base_ema, notify)
-    try:
-        check_state_dict(model, state_dict, name)
-    except CheckpointError as err:
-        matches = matching_configs(state_dict, Path(config_path), base)
-        if not matches:
-            raise
-        shown = _shown(matches[0])
-        raise CheckpointError(f"{err}; it matches {shown}: pass --config {shown}") from None
+    check_with_hint(model, state_dict, name, Path(config_path), base)
     check_finite(state_dict, name)
     params = {name for name, _ in model.named_parameters()}
 

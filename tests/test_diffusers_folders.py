@@ -388,3 +388,92 @@ def test_failed_export_leaves_no_folder(
     assert convert_checkpoint.main([str(whole_file), str(out), "--to", "diffusers", "--config", str(TINY_CONFIG)]) == 1
     assert capsys.readouterr().err == f"error: {out}: cannot write the diffusers folder (No space left on device)\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- folder faults (issue 17 review) -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["unet", "text_encoder", "controlnet"])
+def test_pipeline_part_without_config_json_is_refused(folders: dict, tmp_path: Path, name: str, capsys: Any) -> None:
+    """A part with weights but no config.json was skipped: the output had no UNet and the tool exited 0."""
+    pipe = tmp_path / "pipe"
+    (pipe / name).mkdir(parents=True)
+    for item in folders["pipeline"].iterdir():
+        if item.name != name:
+            (pipe / item.name).symlink_to(item)
+    for file in (folders["pipeline"] / name).iterdir():
+        if file.name != "config.json":
+            (pipe / name / file.name).symlink_to(file)
+    with pytest.raises(CheckpointError, match=rf"^{pipe}: pipeline folder without {name}/config\.json$"):
+        load_state_dict(pipe)
+    out = tmp_path / "out.safetensors"
+    assert convert_checkpoint.main([str(pipe), str(out), "--config", str(TINY_CONFIG)]) == 1
+    assert capsys.readouterr().err == f"error: {pipe}: pipeline folder without {name}/config.json\n"
+    assert not out.exists()
+
+
+def test_sharded_folder_reads_every_shard(models: dict, state_dict: dict, tmp_path: Path) -> None:
+    models["controlnet"].save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").iterdir() if p.suffix == ".safetensors")
+    assert len(shards) > 2 and (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    same(load_state_dict(tmp_path / "sharded"), part(state_dict, CONTROL))
+    (tmp_path / "sharded" / shards[0]).unlink()
+    with pytest.raises(CheckpointError, match=rf"sharded/{shards[0]}: checkpoint file not found"):
+        load_state_dict(tmp_path / "sharded")
+
+
+def test_hub_cache_with_a_missing_blob_names_it(folders: dict, tmp_path: Path) -> None:
+    cache = hub_cache(folders["controlnet"], tmp_path)
+    link = cache / "snapshots" / "0123abcd" / "diffusion_pytorch_model.safetensors"
+    link.resolve().unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(cache)
+    assert str(err.value).startswith(f"{link}: the file it links to (../../blobs/")
+    assert "is missing: an incomplete download" in str(err.value)
+
+
+def test_model_index_json_given_as_checkpoint_says_pass_the_folder(folders: dict) -> None:
+    index = folders["pipeline"] / "model_index.json"
+    with pytest.raises(CheckpointError, match=rf"^{index}: a JSON file, not a checkpoint: .* pass the folder"):
+        load_state_dict(index)
+
+
+def test_export_whole_from_a_controlnet_alone_names_what_is_missing(
+    exported: Path, tmp_path: Path, capsys: Any
+) -> None:
+    """--to whole from a ControlNet-only input wrote a partial "whole" file and exited 0."""
+    out = tmp_path / "whole.safetensors"
+    assert convert_checkpoint.main([str(exported), str(out), "--config", str(TINY_CONFIG)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {exported} (model of {TINY_CONFIG}): does not match")
+    assert "missing keys (model.diffusion_model." in err and not out.exists()
+
+
+def test_export_checks_the_folder_config_against_the_yaml(exported: Path, tmp_path: Path, capsys: Any) -> None:
+    """attention_head_dim changes no shape: only config.json shows it (as load_model refuses it)."""
+    bad = tmp_path / "heads1"
+    bad.mkdir()
+    (bad / "diffusion_pytorch_model.safetensors").symlink_to(exported / "diffusion_pytorch_model.safetensors")
+    (bad / "config.json").write_text(json.dumps({**json.loads((exported / "config.json").read_text()),
+                                                 "attention_head_dim": 1}))  # fmt: skip
+    out = tmp_path / "c.pth"
+    assert convert_checkpoint.main([str(bad), str(out), "--to", "controlnet", "--config", str(TINY_CONFIG)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {bad / 'config.json'}: attention_head_dim is 1, {TINY_CONFIG} gives 2 (a config.json " \
+        "for another model?)\n"
+    assert convert_checkpoint.main([str(bad), str(out), "--to", "controlnet"]) == 1  # the default config
+    err = capsys.readouterr().err
+    assert f"{convert_checkpoint.DEFAULT_CONFIG} gives" in err and err.count("\n") == 1
+    assert err.endswith("no --config was given: pass --config for another model]\n") and not out.exists()
+
+
+def test_export_with_the_wrong_config_names_the_matching_one(whole_file: Path, tmp_path: Path, capsys: Any) -> None:
+    tiny_copy = tmp_path / "models" / "cldm_tiny.yaml"
+    tiny_copy.parent.mkdir()
+    tiny_copy.write_text(Path(TINY_CONFIG).read_text())
+    v15 = tmp_path / "models" / "cldm_v15.yaml"
+    v15.write_text((Path(TINY_CONFIG).parent / "cldm_v15.yaml").read_text())
+    assert convert_checkpoint.main([str(whole_file), str(tmp_path / "o.safetensors"), "--config", str(v15)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match the model config" in err
+    assert err.rstrip().endswith("cldm_tiny.yaml") and "it matches " in err

@@ -131,7 +131,7 @@ def test_low_memory_mode_loads_and_samples(tiny_ckpt, tmp_path) -> None:
     from tools.convert_checkpoint import main as convert
 
     bf16 = tmp_path / "tiny_bf16.pth"
-    assert convert([str(tiny_ckpt), str(bf16)]) == 0
+    assert convert([str(tiny_ckpt), str(bf16), "--config", str(TINY_CONFIG)]) == 0
     low = load_model(TINY_CONFIG, bf16, low_memory=True)
     assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
     assert {b.dtype for b in low.buffers() if b.is_floating_point()} == {torch.float32}

@@ -75,6 +75,15 @@ def test_check_writable_dir_refuses_with_the_folder_named(tmp_path: Path, where:
     assert message.startswith(f"{folder}: ") and len(message.splitlines()) == 1
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_check_writable_dir_on_proc_says_the_filesystem_refuses_files() -> None:
+    """/proc exists: "No such file or directory" alone was misleading."""
+    with pytest.raises(OSError) as info:
+        check_writable_dir("/proc")
+    assert str(info.value).startswith("/proc: output folder cannot be written (its filesystem does not allow new "
+                                      "files")  # fmt: skip
+
+
 # --- cpu_canny2image.py -----------------------------------------------------------------------------------
 
 

@@ -181,3 +181,28 @@ def test_tool_add_control_from_a_v21_base(tmp_path: Path) -> None:
     assert any(".proj_in.weight" in k and result[k].dim() == 2 for k in copied)  # linear projections (SD2)
     assert all(torch.equal(result[k], v) for k, v in base.items() if k.startswith("cond_stage_model.model."))
     assert load_model(config, tmp_path / "control_ini.ckpt").parameterization == "v"
+
+
+def test_tool_add_control_with_the_wrong_config_names_the_file_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """An SD1 base with a v21 config built the full model (6.9 GB at full size) before finding the mismatch and
+    named no file: the shapes are checked on the meta device and the config of the file's family is named."""
+    import cldm.model
+    import tool_add_control
+
+    config = tiny_v21_config(tmp_path)
+    sd1 = tmp_path / "cldm_tiny.yaml"
+    sd1.write_text(TINY_CONFIG.read_text())
+    torch.manual_seed(3)
+    save_checkpoint(create_model(TINY_CONFIG, base=True).state_dict(), tmp_path / "sd1.ckpt")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the real model was built")
+
+    monkeypatch.setattr(cldm.model, "create_model", never)
+    out = tmp_path / "out.ckpt"
+    assert tool_add_control.main([str(tmp_path / "sd1.ckpt"), str(out), "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'sd1.ckpt'}: does not fit {config}: model.diffusion_model.")
+    assert err.endswith(f"; pass --config {sd1}\n") and err.count("\n") == 1 and not out.exists()

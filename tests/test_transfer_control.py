@@ -8,8 +8,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from cldm.checkpoint import load_state_dict, save_checkpoint
-from cldm.model import create_model, load_model
+from cldm.checkpoint import load_state_dict, save_checkpoint, save_diffusers_controlnet
+from cldm.model import create_model, load_model, model_config
 from tests.conftest import TINY_CONFIG
 from tool_transfer_control import main
 
@@ -89,6 +89,18 @@ def test_controlnet_only_file_stays_controlnet_only(models: dict, tmp_path: Path
     assert torch.equal(result[key], only[key] + (models["new"][source] - models["old"][source]))
 
 
+def test_diffusers_controlnet_folder_is_read(models: dict, tmp_path: Path) -> None:
+    """A folder was refused as "file not found" although it exists; the folder gives the file's result."""
+    only = {k: v for k, v in models["control"].items() if k.startswith(CONTROL)}
+    save_checkpoint(only, tmp_path / "only.safetensors")
+    params = model_config(TINY_CONFIG).params.control_stage_config.params
+    folder = save_diffusers_controlnet(only, tmp_path / "cn-diffusers", params)
+    assert run(models, tmp_path / "a.safetensors", control=tmp_path / "only.safetensors") == 0
+    assert run(models, tmp_path / "b.safetensors", control=folder) == 0
+    a, b = load_state_dict(tmp_path / "a.safetensors"), load_state_dict(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() == only.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_unlocked_unet_keeps_its_change(models: dict, tmp_path: Path) -> None:
     """A ControlNet trained with its UNet unlocked: the UNet's own change is moved too (new + (file - old))."""
     control = dict(models["control"])
@@ -111,7 +123,7 @@ def test_errors_are_one_line(models: dict, tmp_path: Path, capsys) -> None:
         return err.strip().splitlines()[-1]
 
     out = tmp_path / "out.pth"
-    assert "missing.ckpt: file not found (--path_input)" in error(out, path_input=tmp_path / "missing.ckpt")
+    assert "missing.ckpt: not found (--path_input)" in error(out, path_input=tmp_path / "missing.ckpt")
     assert "--path_sd15_with_control" in error(out, path_sd15_with_control=p["old"])
     only_control = tmp_path / "only_control.pth"
     save_checkpoint({k: v for k, v in models["control"].items() if k.startswith(CONTROL)}, only_control)
@@ -128,3 +140,6 @@ def test_errors_are_one_line(models: dict, tmp_path: Path, capsys) -> None:
     assert "out.pth: output file already exists" in error(out)
     (tmp_path / "file").write_bytes(b"")
     assert "output folder is a file" in error(tmp_path / "file" / "out.pth")
+    assert error(tmp_path / "o7.txt").endswith("o7.txt: not a checkpoint file name (.ckpt, .pth, .pt, .bin, "
+                                               ".safetensors) (--path_output)")  # fmt: skip
+    assert not (tmp_path / "o7.txt").exists()
