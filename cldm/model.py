@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,21 +135,32 @@ def _shown(path: Path) -> Path:
     return path if relative.parts[:1] == ("..",) else relative
 
 
-def matching_configs(state_dict: Mapping[str, torch.Tensor], config_path: Path, base: bool = False) -> list[Path]:
-    """The yaml configs next to ``config_path`` (e.g. the other ``models/*.yaml``), itself excluded, whose model
-    (built on the meta device; ``base`` as :func:`load_model`) has exactly ``state_dict``'s keys and shapes."""
-    found = []
+def other_configs(config_path: Path, base: bool = False) -> Iterator[tuple[Path, nn.Module]]:
+    """``(yaml, its model built on the meta device)`` for each yaml next to ``config_path`` (e.g. the other
+    ``models/*.yaml``), itself excluded, that builds (``base`` as :func:`load_model`): the candidates of the
+    "pass --config X" hints. A yaml that is no model config is skipped."""
     for candidate in sorted(config_path.parent.glob("*.yaml")):
         if candidate.resolve() == config_path.resolve():
             continue
         try:
             with torch.device("meta"):
                 model = instantiate_from_config(model_config(candidate, base))
-            check_state_dict(model, state_dict)
-        except Exception:  # noqa: BLE001 - a hint only: a yaml that is no model config, or does not match, is skipped
+        except Exception:  # noqa: BLE001 - a hint only: a yaml that is no model config is skipped
             continue
-        found.append(candidate)
-    return found
+        yield candidate, model
+
+
+def _fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    try:
+        check_state_dict(model, state_dict)
+    except CheckpointError:
+        return False
+    return True
+
+
+def matching_configs(state_dict: Mapping[str, torch.Tensor], config_path: Path, base: bool = False) -> list[Path]:
+    """The configs of :func:`other_configs` whose model has exactly ``state_dict``'s keys and shapes."""
+    return [candidate for candidate, model in other_configs(config_path, base) if _fits(model, state_dict)]
 
 
 def check_with_hint(
@@ -169,21 +180,16 @@ def check_with_hint(
 
 
 def configs_like(state_dict: Mapping[str, torch.Tensor], config_path: Path) -> list[Path]:
-    """The yaml configs next to ``config_path``, itself excluded, whose model (built on the meta device) is of the
-    same family (:func:`~cldm.checkpoint.model_family`) and cross-attention width as ``state_dict``: the configs
-    a file of another family than ``config_path``'s could use."""
-    wanted = (model_family(state_dict), cross_attention_width(state_dict))
+    """The configs of :func:`other_configs` whose model is of the same family
+    (:func:`~cldm.checkpoint.model_family`) and cross-attention width as ``state_dict``: the configs a file of
+    another family than ``config_path``'s could use."""
+    family = model_family(state_dict)
+    wanted = (family and family[0], cross_attention_width(state_dict))
     found = []
-    for candidate in sorted(config_path.parent.glob("*.yaml")):
-        if candidate.resolve() == config_path.resolve():
-            continue
-        try:
-            with torch.device("meta"):
-                expected = instantiate_from_config(model_config(candidate)).state_dict()
-        except Exception:  # noqa: BLE001 - a hint only: a yaml that is no model config is skipped
-            continue
-        family = model_family(expected)
-        if (family and family[0], cross_attention_width(expected)) == (wanted[0] and wanted[0][0], wanted[1]):
+    for candidate, model in other_configs(config_path):
+        expected = model.state_dict()
+        theirs = model_family(expected)
+        if (theirs and theirs[0], cross_attention_width(expected)) == wanted:
             found.append(candidate)
     return found
 
