@@ -39,6 +39,16 @@ def fresh_tiny_model() -> torch.nn.Module:
     return model
 
 
+def random_tiny_model() -> torch.nn.Module:
+    """The tiny ControlLDM (eval mode) with seeded random weights and no all-zero layer (every tensor matters);
+    the global random state is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model(TINY_CONFIG)
+    fill_zero_parameters(model, 0.05, torch.Generator().manual_seed(1))
+    return model.eval()
+
+
 def with_flags(args: list[str], extra: list[str]) -> list[str]:
     """``args`` with each ``--flag value`` pair of ``extra`` replacing the flag's value, or appended."""
     args = list(args)

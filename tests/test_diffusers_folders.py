@@ -27,14 +27,13 @@ from cldm.checkpoint import (
     diffusers_vae_config,
     load_state_dict,
 )
-from cldm.model import build_model, create_model, load_model, model_config
+from cldm.model import build_model, load_model, model_config
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.modules.encoders.modules import clip_text_config
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, random_tiny_model
 from tests.diffusers_port import controlnet_config, convert_to_diffusers
 from tests.routes import assert_same_image, quiet, route_image
 from tools import convert_checkpoint
-from tools.make_random_checkpoint import fill_zero_parameters
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils", reason="diffusers has no single_file_utils")
@@ -59,11 +58,7 @@ def part(state_dict: dict[str, torch.Tensor], *prefixes: str) -> dict[str, torch
 @pytest.fixture(scope="module")
 def ldm() -> torch.nn.Module:
     """The tiny ControlLDM with random weights and no all-zero layer (every tensor matters)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = create_model(TINY_CONFIG)
-    fill_zero_parameters(model, 0.05, torch.Generator().manual_seed(1))
-    return model.eval()
+    return random_tiny_model()
 
 
 @pytest.fixture(scope="module")

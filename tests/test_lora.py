@@ -20,9 +20,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from cldm.lora import LoraError, apply_lora, fusable_layers, lora_targets, parse_lora_arg, unet_diffusers_names
-from cldm.model import create_model, load_model
-from tests.conftest import TINY_CONFIG
-from tools.make_random_checkpoint import fill_zero_parameters
+from cldm.model import load_model
+from tests.conftest import TINY_CONFIG, random_tiny_model
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
 pytest.importorskip("peft", reason="peft (diffusers' LoRA backend, test-only) is not installed")
@@ -36,11 +35,7 @@ PROMPTS = ["a red circle on a blue background", "green"]
 @pytest.fixture(scope="module")
 def base() -> torch.nn.Module:
     """The tiny ControlLDM with random weights and no all-zero layers (eval mode); tests fuse into copies."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = create_model(TINY_CONFIG)
-    fill_zero_parameters(model, 0.05, torch.Generator().manual_seed(1))
-    return model.eval()
+    return random_tiny_model()
 
 
 @pytest.fixture(scope="module")
