@@ -320,6 +320,13 @@ def check_writable_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` to fill ``tmp`` (``<path>.partial``, in ``path``'s own folder, so the rename never
     crosses filesystems), flush it to disk, and rename it over ``path``: ``path`` is at every moment either
@@ -329,6 +336,7 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as an ordinary new file (safetensors writes its files 0600)
         fd = os.open(tmp, os.O_RDWR)
         try:
             os.fsync(fd)
@@ -1040,9 +1048,11 @@ def save_diffusers_controlnet(
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+        os.chmod(tmp, 0o777 & ~_umask())  # as an ordinary new folder (mkdtemp makes it 0700)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name),
                                     metadata={"format": "pt"})  # fmt: skip
+        os.chmod(tmp / name, 0o666 & ~_umask())
         os.rename(tmp, folder)  # refuses an existing non-empty folder
     except (OSError, SafetensorError) as err:
         raise OSError(f"{folder}: cannot write the diffusers folder ({_reason(err)})") from None

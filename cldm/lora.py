@@ -326,8 +326,10 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     except ValueError:
         scale = None
     if scale is None or not math.isfinite(scale):
+        if sep and Path(path).is_file() and not Path(text).exists():  # FILE:junk: the scale is at fault
+            raise argparse.ArgumentTypeError(f"'{text}': the scale '{tail}' is not a finite number")
         path, scale = text, 1.0
-    if not path:
+    if not path.strip(":"):
         raise argparse.ArgumentTypeError(f"'{text}': expected PATH[:SCALE]")
     return path, scale
 

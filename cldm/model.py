@@ -337,8 +337,12 @@ def load_model(
     a file of a kind or model family the config cannot use (:func:`check_usable`), a ControlNet-only file without
     ``base_ckpt``, and a NaN or infinite weight (:func:`check_finite`, which reads the loaded tensors once); when
     the checkpoint's keys and shapes do not fit the config but fit another yaml next to it
-    (:func:`matching_configs`), the message names that config. ``ValueError`` for ``base_ckpt`` with ``base``.
+    (:func:`matching_configs`), the message names that config. ``ValueError`` for ``base_ckpt`` with ``base``,
+    and for ``base_ema`` without ``base_ckpt``.
     """
+    if base_ema and base_ckpt is None:
+        raise ValueError("--base-ema chooses the EMA UNet of a --base model: give --base too (without one, the "
+                         "checkpoint's own UNet is used)")  # fmt: skip
     config = model_config(config_path, base)
     for path in (ckpt_path, base_ckpt):  # a diffusers folder's config.json vs the yaml (nothing for a file)
         if path is not None:

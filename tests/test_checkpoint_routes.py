@@ -30,6 +30,7 @@ from tests.routes import (
     route_image,
     tiny_weights,
 )
+from tools.convert_checkpoint import convert_checkpoint
 
 V15_CONFIG = REPO / "models" / "cldm_v15.yaml"
 V21_CONFIG = REPO / "models" / "cldm_v21.yaml"
@@ -221,6 +222,26 @@ def test_cli_controlnet_without_base_names_the_flag(files: dict[str, Path], tmp_
         f"error: {files['control.pth']}: a ControlNet alone (control_model.* only): it needs a Stable Diffusion 1.5 "
         "base model, e.g. v1-5-pruned.ckpt: pass it with --base"
     ]
+
+
+def test_base_ema_without_base_is_one_line(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """``--base-ema`` chooses a base's UNet: alone it would be ignored, so it is refused (API and CLI)."""
+    with pytest.raises(ValueError, match="--base-ema .* give --base too"):
+        load_model(TINY_CONFIG, files["whole.pth"], base_ema=True)
+    code = cpu_canny2image.main(["--demo", "--base-ema", "-o", str(tmp_path)])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert lines[-1].startswith("error: --base-ema") and "give --base too" in lines[-1]
+
+
+def test_converting_a_difference_file_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    """Converting would drop the ``difference`` mark and leave (ControlNet - UNet) as if it were a ControlNet."""
+    src = files["difference.safetensors"]
+    for to in ("controlnet", "diffusers", "whole"):
+        with pytest.raises(CheckpointError, match='a "difference" ControlNet'):
+            convert_checkpoint(src, tmp_path / f"out_{to}.pth", torch.float32, TINY_CONFIG, to)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gradio_controlnet_without_base_names_the_flag(files: dict[str, Path], capsys) -> None:

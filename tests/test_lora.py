@@ -7,6 +7,7 @@ The diffusers side is built from the same ldm weights with diffusers' own single
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from collections.abc import Callable
@@ -368,6 +369,20 @@ def test_lora_targets_cover_unet_and_text_encoder(base: torch.nn.Module) -> None
 )  # fmt: skip
 def test_parse_lora_arg(text: str, expected: tuple[str, float]) -> None:
     assert parse_lora_arg(text) == expected
+
+
+@pytest.mark.parametrize("tail", ["abc", "", "nan", "inf"])
+def test_parse_lora_arg_names_a_bad_scale_of_an_existing_file(tmp_path: Path, tail: str) -> None:
+    lora = tmp_path / "x.safetensors"
+    lora.write_bytes(b"")
+    with pytest.raises(argparse.ArgumentTypeError, match=f"the scale '{tail}' is not a finite number"):
+        parse_lora_arg(f"{lora}:{tail}")
+
+
+@pytest.mark.parametrize("text", [":", "::", ""])
+def test_parse_lora_arg_without_a_path(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected PATH"):
+        parse_lora_arg(text)
 
 
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:

@@ -214,3 +214,14 @@ def test_training_checks_its_folders_before_building_the_model(
     args = ["--config", str(TINY_CONFIG), "--init-ckpt", str(tmp_path / "init.ckpt"), "--data", str(tmp_path / "data")]
     assert tutorial_train.main([*args, *(x for item in folders.items() for x in item)]) == 1
     assert str(bad) in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_saved_checkpoints_get_ordinary_file_permissions(tmp_path: Path, suffix: str) -> None:
+    """As any new file (0666 less the umask), not the 0600 of safetensors' or a temporary file's own creation."""
+    mask = os.umask(0o022)
+    try:
+        save_checkpoint({"w": torch.zeros(2)}, tmp_path / f"x{suffix}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / f"x{suffix}").stat().st_mode & 0o777 == 0o644

@@ -24,6 +24,7 @@ import torch
 from cldm.checkpoint import (
     CHECKPOINT_SUFFIXES,
     CONTROL_PREFIX,
+    DIFFERENCE_KEY,
     CheckpointError,
     cast_weights,
     check_checkpoint_name,
@@ -98,6 +99,9 @@ def convert_checkpoint(
     check_writable_dir(Path(dst).parent)  # before the (large) input is read
     check_folder_config(src, model_config(config), str(config))
     state_dict = load_state_dict(src)
+    if DIFFERENCE_KEY in state_dict:  # its control_model.* are (ControlNet - SD1.5 UNet): only a base completes it
+        raise CheckpointError(f"{src}: a \"difference\" ControlNet (its weights minus the SD1.5 UNet's); converting "
+                              "it would drop that mark: load it with its base instead (cpu_canny2image.py --base)")
     if to != "whole":
         state_dict = cast_weights(control_part(state_dict, src, config), dtype)
         if to == "diffusers":

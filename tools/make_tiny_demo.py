@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError("the ControlNet at init does not reproduce the base model exactly")
     minutes = json.loads((work / "minutes.json").read_text(encoding="utf-8"))
     results["minutes"] = {**minutes, "total": round(sum(minutes.values()), 1)}
-    convert_checkpoint(trained, ship, torch.float16)  # schedule buffers stay float32
+    convert_checkpoint(trained, ship, torch.float16, config)  # schedule buffers stay float32
     ship.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot_curve([(e["step"], e["iou"]) for e in results["curve"]], plot, "tiny ControlNet: held-out IoU vs step")
     total = results["minutes"]["total"]
