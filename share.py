@@ -102,10 +102,13 @@ def choose_model(
     """The scripts' model choice: ``--demo``, an explicit ``--ckpt`` (with ``--base``), the real checkpoint, else
     the demo.
 
-    ``ValueError`` when ``--demo`` is given with ``--ckpt`` or ``--base`` (the demo has its own checkpoint), or
-    ``--base`` without ``--ckpt`` while the default checkpoint is missing."""
-    for flag, value in (("--ckpt", ckpt), ("--base", base)):
-        if demo and value is not None:
+    ``ValueError`` when ``--demo`` is given with ``--ckpt`` or ``--base`` (the demo has its own checkpoint),
+    ``--base`` without ``--ckpt`` while the default checkpoint is missing, or an empty ``--ckpt``, ``--base`` or
+    ``--config``."""
+    for flag, value in (("--ckpt", ckpt), ("--base", base), ("--config", config)):
+        if value is not None and not str(value).strip():
+            raise ValueError(f"{flag} is empty: give a file or folder")
+        if demo and value is not None and flag != "--config":
             raise ValueError(f"--demo and {flag} {value} cannot be combined: --demo runs "
                              f"{repo_relative(DEMO_CKPT)}; drop one of them")  # fmt: skip
     if demo:

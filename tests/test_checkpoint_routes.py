@@ -266,6 +266,15 @@ def test_scripts_model_choice_with_base(tmp_path: Path, monkeypatch: pytest.Monk
     assert share.choose_model(base="b.ckpt").ckpt == share.DEFAULT_CKPT
 
 
+@pytest.mark.parametrize("flag", ["--ckpt", "--base", "--config"])
+def test_empty_path_flag_is_named(flag: str, tmp_path: Path, capsys) -> None:
+    """An empty path (e.g. an unset shell variable) is named as such, not read as the current folder."""
+    args = {"--ckpt": "x.pth", "--base": None, "--config": None, flag: ""}
+    code = cpu_canny2image.main([a for f, v in args.items() if v is not None for a in (f, v)] + ["-o", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "" and err.strip().splitlines()[-1] == f"error: {flag} is empty: give a file or folder"
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_cast_releasing_pages_out_each_half_precision_source(tmp_path: Path, suffix: str) -> None:
