@@ -354,12 +354,12 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -
             os.close(fd)
 
 
-def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, flat: bool = False) -> None:
+def save_checkpoint(state_dict: Mapping[str, Any], path: str | os.PathLike, flat: bool = False) -> None:
     """Write ``state_dict`` atomically (:func:`replace_atomically`): a flat ``.safetensors`` file for that
-    suffix, else torch.save of ``{"state_dict": ...}`` (the reference's nesting) or, with ``flat``, of the dict
-    itself (as the ControlNet 1.1 files hold it). The parent folder is created; a failed write leaves no file.
-    Raises ``OSError`` (one line naming ``path``) when the folder or the file cannot be written, the disk being
-    full included."""
+    suffix (tensors only), else torch.save of ``{"state_dict": ...}`` (the reference's nesting) or, with
+    ``flat``, of the mapping itself (as the ControlNet 1.1 files hold it, or a whole Lightning checkpoint). The
+    parent folder is created; a failed write leaves no file. Raises ``OSError`` (one line naming ``path``) when
+    the folder or the file cannot be written, the disk being full included."""
     from safetensors import SafetensorError
 
     path = Path(path)
@@ -370,7 +370,8 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 
             safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
         else:
-            torch.save(dict(state_dict) if flat else {"state_dict": dict(state_dict)}, tmp)
+            with open(tmp, "wb") as f:
+                torch.save(dict(state_dict) if flat else {"state_dict": dict(state_dict)}, f)
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

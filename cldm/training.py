@@ -17,22 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from cldm.checkpoint import PARTIAL_SUFFIX, CheckpointError, _reason, read_checkpoint, replace_atomically
+from cldm.checkpoint import PARTIAL_SUFFIX, CheckpointError, read_checkpoint, replace_atomically
+from cldm.checkpoint import save_checkpoint as write_checkpoint
 
 # What Lightning needs in a checkpoint to continue a run (weights, optimizer, loop counters).
 RESUME_KEYS = ("pytorch-lightning_version", "state_dict", "optimizer_states", "loops", "global_step")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, writing through :func:`cldm.checkpoint.replace_atomically`: the file is
-    torch-saved straight into ``<path>.partial`` next to ``path`` (no copy of the checkpoint in memory, no
+    """Lightning's torch checkpoint IO, writing through :func:`cldm.checkpoint.save_checkpoint` (``flat``): the
+    file is torch-saved straight into ``<path>.partial`` next to ``path`` (no copy of the checkpoint in memory, no
     temp folder on another filesystem), flushed, then renamed over ``path``. A failed write (full disk,
     read-only folder) raises ``OSError`` with one line naming ``path``, and leaves the old file as it was."""
 
@@ -40,16 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Any | None = None) -> None:  # fmt: skip
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            replace_atomically(path, write)
-        except (OSError, RuntimeError) as err:  # torch.save reports write failures as RuntimeError
-            raise OSError(f"{path}: cannot write the checkpoint ({_reason(err)})") from None
+        write_checkpoint(checkpoint, path, flat=True)
 
 
 class StepCheckpoint(ModelCheckpoint):

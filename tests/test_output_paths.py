@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -172,8 +173,8 @@ def test_save_checkpoint_write_error_is_an_oserror_and_leaves_no_file(
 ) -> None:
     """torch.save reports a full disk as RuntimeError, safetensors as SafetensorError; both leave bytes behind."""
 
-    def torch_full(obj: object, f: Path) -> None:
-        Path(f).write_bytes(b"PK partial")
+    def torch_full(obj: object, f: Any) -> None:  # a path or an open file, as torch.save takes
+        f.write(b"PK partial") if hasattr(f, "write") else Path(f).write_bytes(b"PK partial")
         raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0\nmore detail")
 
     def safetensors_full(tensors: object, filename: str) -> None:
