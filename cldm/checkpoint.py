@@ -187,7 +187,8 @@ def _read_checkpoint(path: Path, location: str) -> Mapping[str, Any]:
     return _read_pickled(path, location)
 
 
-def _shorten(keys: list[str], n: int = 2) -> str:
+def shorten_keys(keys: list[str], n: int = 2) -> str:
+    """The first ``n`` of ``keys`` and how many more, for one-line messages: ``"a, b, ... (5 more)"``."""
     shown = ", ".join(keys[:n])
     return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
@@ -274,11 +275,11 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], n
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys ({_shorten(missing)})")
+        problems.append(f"{len(missing)} missing keys ({shorten_keys(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_shorten(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({shorten_keys(unexpected)})")
     if wrong:
-        problems.append(f"{len(wrong)} tensors with the wrong shape ({_shorten(wrong)})")
+        problems.append(f"{len(wrong)} tensors with the wrong shape ({shorten_keys(wrong)})")
     if problems:
         raise CheckpointError(f"{name}: does not match the model config: " + "; ".join(problems))
 
@@ -817,7 +818,7 @@ def _read_weights(path: Path, location: str) -> dict[str, torch.Tensor]:
         tensors.update(_read_tensors(shard_path, location))
     missing = [k for k in weight_map if k not in tensors]
     if missing:
-        raise CheckpointError(f"{path}: {len(missing)} tensors it lists are in no shard ({_shorten(missing)})")
+        raise CheckpointError(f"{path}: {len(missing)} tensors it lists are in no shard ({shorten_keys(missing)})")
     return tensors
 
 
@@ -907,7 +908,7 @@ def load_folder(folder: str | os.PathLike, location: str = "cpu") -> StateDict:
     if (files / "config.json").is_file():
         return _read_model_folder(files, location)
     held = sorted(p.name for p in files.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES)
-    hint = f"; it holds {_shorten(held)}: pass the file" if held else ""
+    hint = f"; it holds {shorten_keys(held)}: pass the file" if held else ""
     raise CheckpointError(f"{folder}: not a checkpoint folder: expected {FOLDER_EXPECTED}{hint}")
 
 

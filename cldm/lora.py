@@ -45,8 +45,8 @@ from cldm.checkpoint import (
     CONTROL_PREFIX,
     UNET_PREFIX,
     CheckpointError,
-    _shorten,
     load_state_dict,
+    shorten_keys,
     unet_to_diffusers,
 )
 from cldm.model import check_finite
@@ -154,11 +154,12 @@ def read_lora(path: str | os.PathLike) -> dict[str, LoraLayer]:
         else:
             setattr(layer, PARTS[suffix], value)
     if unknown:
-        raise LoraError(f"{path}: {len(unknown)} keys are not LoRA down/up/alpha weights ({_shorten(unknown)}); "
+        raise LoraError(f"{path}: {len(unknown)} keys are not LoRA down/up/alpha weights ({shorten_keys(unknown)}); "
                         "LoHa, LoKr, DoRA and LoRA biases are not supported")  # fmt: skip
     incomplete = [name for name, layer in layers.items() if layer.down is None or layer.up is None]
     if incomplete:
-        raise LoraError(f"{path}: {len(incomplete)} LoRA layers lack their down or up weight ({_shorten(incomplete)})")
+        raise LoraError(f"{path}: {len(incomplete)} LoRA layers lack their down or up weight "
+                        f"({shorten_keys(incomplete)})")
     _alphas_from_metadata(layers, _metadata(path), path)
     return layers
 
@@ -271,15 +272,15 @@ def _plan(path: Path, layers: Mapping[str, LoraLayer], table: Mapping[str, list[
     unmatched = [name for name in layers if name not in table]
     if len(unmatched) == len(layers):
         raise LoraError(f"{path}: none of its {len(layers)} LoRA layers matches a layer of this model's UNet or "
-                        f"text encoder ({_shorten(unmatched)}); a LoRA for another model?")  # fmt: skip
+                        f"text encoder ({shorten_keys(unmatched)}); a LoRA for another model?")  # fmt: skip
     if unmatched:
         raise LoraError(f"{path}: {len(unmatched)} of its {len(layers)} LoRA layers match no layer of this model "
-                        f"({_shorten(unmatched)}); nothing applied")  # fmt: skip
+                        f"({shorten_keys(unmatched)}); nothing applied")  # fmt: skip
     plan = [(layers[name], table[name]) for name in layers]
     wrong = [f"{lora.name} up {tuple(lora.up.shape)}, down {tuple(lora.down.shape)} vs {tuple(weight.shape)}"
              for lora, targets in plan if not lora_fits(lora, (weight := targets[0][1].weight).shape)]  # fmt: skip
     if wrong:
-        raise LoraError(f"{path}: {len(wrong)} LoRA layers do not fit the model's layer shapes ({_shorten(wrong)})")
+        raise LoraError(f"{path}: {len(wrong)} LoRA layers do not fit the model's layer shapes ({shorten_keys(wrong)})")
     return plan
 
 
