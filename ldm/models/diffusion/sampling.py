@@ -6,7 +6,9 @@ start latents [B, 4, h, w] (unit-variance noise), ``alphas_cumprod`` the model's
 number of steps asked for. It returns the final latents, or raises :class:`NonFiniteError` (a ``ValueError``)
 naming the step where they stop being finite, or ``ValueError`` for a step count outside the sampler's range
 (:data:`MAX_STEPS`). ``callback(i, x, pred_x0)`` runs after each step. A sampler that draws noise between steps
-takes ``generator`` (a ``torch.Generator``; default: torch's global one). Register a new sampler with one line in
+takes ``generator`` (a ``torch.Generator``; default: torch's global one). Every sampler takes ``init``
+(:class:`InitLatents`): img2img (start part-way from noised init latents) and latent-blending inpainting, the
+same way for all (:class:`_Run`). Register a new sampler with one line in
 :data:`SAMPLERS` and one in :data:`MAX_STEPS`; :func:`sample` runs one by name.
 
 The samplers other than ``ddim`` follow diffusers' schedulers configured as SD1.5's ``scheduler_config``
@@ -44,6 +46,74 @@ def check_latent(x: torch.Tensor, step: int, steps: int) -> None:
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError(f"step {step} of {steps}: the latent has NaN/inf values (non-finite weights or "
                              "an overflowing model); no image is written")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class InitLatents:
+    """img2img / inpainting start of a sampler run, diffusers' semantics (``StableDiffusionControlNetImg2Img``
+    and the legacy latent-blending ``StableDiffusionControlNetInpaintPipeline`` with a 4-channel UNet).
+
+    ``latents``: the clean init latents [B, 4, h, w] (scaled, as ``get_first_stage_encoding`` gives them);
+    ``noise``: unit noise of the same shape (the pipelines' start noise); ``strength`` in (0, 1]: of a grid of
+    ``n`` timesteps the sampler runs the last ``int(n * strength)``, from the init latents noised to the first
+    of them; ``mask``: ``None`` (img2img) or [B or 1, 1, h, w] float, 1 = repaint, 0 = keep: after each step the
+    kept part is replaced by the init latents noised to the next timestep (the clean ones after the last step),
+    and at ``strength`` 1 the run starts from the noise alone (as diffusers' inpaint pipeline).
+    """
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    strength: float = 1.0
+    mask: torch.Tensor | None = None
+
+    def steps_run(self, total: int) -> int:
+        """How many of a grid of ``total`` timesteps run; ``ValueError`` when none would (``strength`` too small
+        for ``total``) or ``strength`` is outside (0, 1]."""
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"denoise strength must be in (0, 1], got {self.strength}")
+        run = min(int(total * self.strength), total)
+        if run < 1:
+            raise ValueError(f"denoise {self.strength} of {total} steps runs no step: raise the denoise strength "
+                             f"to at least {1 / total:.3g} or take more steps")  # fmt: skip
+        return run
+
+    def noised(self, sigma: float) -> torch.Tensor:
+        """The init latents at noise level ``sigma`` (VE, ``sqrt((1 - a) / a)``) in the VP scale:
+        ``sqrt(a) latents + sqrt(1 - a) noise`` (diffusers' ``add_noise``, the reference's ``q_sample``)."""
+        alpha, sigma_vp = alpha_sigma(sigma)
+        return alpha * self.latents + sigma_vp * self.noise
+
+
+class _Run:
+    """The part of a sampler's grid that runs, its start latents and the inpainting blend after each step, for
+    any sampler: built from the grid's noise levels ``sigmas`` (VE, float64, descending, one per timestep) and
+    whether the sampler's latents are in the VE scale (``x0 + sigma eps``, Euler's) or the VP scale."""
+
+    def __init__(self, init: InitLatents | None, sigmas: np.ndarray, ve: bool = False):
+        self.init, self.ve = init, ve
+        self.skip = 0 if init is None else len(sigmas) - init.steps_run(len(sigmas))
+        self.sigmas = np.asarray(sigmas, dtype=np.float64)[self.skip :]
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        """The start latents in the VP scale: the noise ``x`` itself without init (or when inpainting at full
+        strength), else the init latents noised to the first timestep that runs."""
+        init = self.init
+        if init is None or (init.mask is not None and init.strength == 1.0):
+            return x
+        return init.noised(float(self.sigmas[0]))
+
+    def blend(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """After step ``step`` (0-based, of those that run): ``(1 - mask) * init noised to the next timestep (clean
+        after the last) + mask * x``, in the sampler's scale; ``x`` unchanged without a mask."""
+        init = self.init
+        if init is None or init.mask is None:
+            return x
+        if step + 1 < len(self.sigmas):
+            sigma = float(self.sigmas[step + 1])
+            kept = init.noised(sigma) * (math.sqrt(sigma * sigma + 1.0) if self.ve else 1.0)
+        else:
+            kept = init.latents
+        return (1.0 - init.mask) * kept + init.mask * x
 
 
 @dataclass(frozen=True)
@@ -110,19 +180,23 @@ def sample_ddim(
     temperature: float = 1.0,
     noise_dropout: float = 0.0,
     discretize: str = "uniform",
+    init: InitLatents | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """DDIM (the reference's ``cldm/ddim_hacked.py`` update and timesteps; ``eta`` 0 is deterministic).
     Raises :class:`NonFiniteError` naming the step after which the latent is not finite."""
     schedule = ddim_schedule(alphas_cumprod, steps, eta, discretize)
-    timesteps = np.flip(schedule.timesteps)
+    alphas = np.flip(schedule.alphas.double().cpu().numpy())
+    run = _Run(init, np.sqrt((1.0 - alphas) / alphas))
+    timesteps = np.flip(schedule.timesteps)[run.skip :]  # the schedule's arrays are indexed from the end
+    x = run.start(x)
     total = len(timesteps)
     for i, step in enumerate(tqdm(timesteps, desc="DDIM Sampler", total=total, disable=not progress)):
         t = torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
         e_t = denoise(x, t, i, total)
         x, pred_x0 = ddim_step(x, e_t, schedule, total - i - 1, temperature, noise_dropout)
-        _done(x, pred_x0, i, total, callback)
+        x = _done(x, pred_x0, i, total, callback, run)
     return x
 
 
@@ -197,10 +271,15 @@ def _eps(denoise: Denoise, x: torch.Tensor, t: int, step: int, steps: int) -> to
     return denoise(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), step, steps)
 
 
-def _done(x: torch.Tensor, pred_x0: torch.Tensor, step: int, steps: int, callback: StepCallback | None) -> None:
+def _done(
+    x: torch.Tensor, pred_x0: torch.Tensor, step: int, steps: int, callback: StepCallback | None, run: _Run
+) -> torch.Tensor:
+    """End of a step: the inpainting blend, the finiteness check, the callback; returns the (blended) latents."""
+    x = run.blend(x, step)
     check_latent(x, step + 1, steps)
     if callback is not None:
         callback(step, x, pred_x0)
+    return x
 
 
 @torch.no_grad()
@@ -211,6 +290,7 @@ def sample_dpmpp_2m(
     steps: int,
     *,
     karras: bool = False,
+    init: InitLatents | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -220,6 +300,8 @@ def sample_dpmpp_2m(
     (A1111's "DPM++ 2M Karras"). Steps: 1 to T - 2. Deterministic."""
     check_steps("dpmpp_2m_karras" if karras else "dpmpp_2m", steps, len(alphas_cumprod))
     timesteps, sigmas = multistep_schedule(alphas_cumprod, steps, karras)
+    run = _Run(init, sigmas[:-1])
+    timesteps, sigmas, x = timesteps[run.skip :], sigmas[run.skip :], run.start(x)
     total = len(timesteps)
     prev_x0 = None
     for i, t in _steps(timesteps, "DPM++ 2M", progress):
@@ -237,7 +319,7 @@ def sample_dpmpp_2m(
                 d = x0 + (x0 - prev_x0) / (2.0 * r)
             x = (sigma_next / sigma) * x - (alpha_next * math.expm1(-h)) * d
         prev_x0 = x0
-        _done(x, x0, i, total, callback)
+        x = _done(x, x0, i, total, callback, run)
     return x
 
 
@@ -288,6 +370,7 @@ def sample_unipc(
     steps: int,
     *,
     karras: bool = False,
+    init: InitLatents | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -297,6 +380,8 @@ def sample_unipc(
     ``lower_order_final``); ``karras``: its ``use_karras_sigmas=True``. Steps: 1 to T - 2. Deterministic."""
     check_steps("unipc_karras" if karras else "unipc", steps, len(alphas_cumprod))
     timesteps, sigmas = multistep_schedule(alphas_cumprod, steps, karras)
+    run = _Run(init, sigmas[:-1])
+    timesteps, sigmas, x = timesteps[run.skip :], sigmas[run.skip :], run.start(x)
     total = len(timesteps)
     x0s: list[torch.Tensor] = []
     x_prev, order = x, 0
@@ -309,7 +394,7 @@ def sample_unipc(
         order = min(2, total - i, i + 1)
         x_prev = x
         x = _unipc_predict(x, x0s, sigmas, i, order)
-        _done(x, x0, i, total, callback)
+        x = _done(x, x0, i, total, callback, run)
     return x
 
 
@@ -321,6 +406,7 @@ def sample_euler_ancestral(
     steps: int,
     *,
     generator: torch.Generator | None = None,
+    init: InitLatents | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -333,15 +419,17 @@ def sample_euler_ancestral(
     all_sigmas = ve_sigmas(alphas_cumprod)
     timesteps = leading_timesteps(steps, len(all_sigmas), steps)
     sigmas = np.append(all_sigmas[timesteps], 0.0)
+    run = _Run(init, sigmas[:-1], ve=True)
+    timesteps, sigmas = timesteps[run.skip :], sigmas[run.skip :]
     total = len(timesteps)
-    x = x * math.sqrt(float(sigmas[0]) ** 2 + 1.0)
+    x = run.start(x) * math.sqrt(float(sigmas[0]) ** 2 + 1.0)
     for i, t in _steps(timesteps, "Euler a", progress):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         eps = _eps(denoise, x / math.sqrt(s * s + 1.0), t, i, total)
         x0 = x - s * eps
         sigma_up = s_next * math.sqrt(s * s - s_next * s_next) / s
         x = x + (s_next * s_next / s - s) * eps + sigma_up * draw_noise(x, generator)
-        _done(x, x0, i, total, callback)
+        x = _done(x, x0, i, total, callback, run)
     return x
 
 
@@ -353,6 +441,7 @@ def sample_lcm(
     steps: int,
     *,
     generator: torch.Generator | None = None,
+    init: InitLatents | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -365,6 +454,8 @@ def sample_lcm(
     check_steps("lcm", steps, len(alphas_cumprod))
     acp = alphas_cumprod.detach().cpu().double().numpy()
     timesteps = lcm_timesteps(steps, len(acp))
+    run = _Run(init, np.sqrt((1.0 - acp[timesteps]) / acp[timesteps]))
+    timesteps, x = timesteps[run.skip :], run.start(x)
     total = len(timesteps)
     for i, t in _steps(timesteps, "LCM", progress):
         a = float(acp[t])
@@ -378,7 +469,7 @@ def sample_lcm(
             x = math.sqrt(a_next) * denoised + math.sqrt(1.0 - a_next) * draw_noise(x, generator)
         else:
             x = denoised
-        _done(x, denoised, i, total, callback)
+        x = _done(x, denoised, i, total, callback, run)
     return x
 
 
@@ -438,13 +529,15 @@ def sample(
     *,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    init: InitLatents | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Run the sampler named ``sampler`` (a key of :data:`SAMPLERS`) from the start noise ``x`` [B, 4, h, w];
     returns the final latents [B, 4, h, w]. ``eta``: DDIM's only (a non-zero ``eta`` for another sampler raises
     ``ValueError``); ``generator``: the step noise of the samplers that draw it (``euler_a``, ``lcm``; others
-    ignore it). Raises ``ValueError`` for an unknown name or a step count outside the sampler's range, and
+    ignore it); ``init``: img2img / inpainting (:class:`InitLatents`; ``x`` is then its noise). Raises
+    ``ValueError`` for an unknown name or a step count outside the sampler's range, and
     :class:`NonFiniteError`."""
     check_sampler(sampler)
     fn = SAMPLERS[sampler]
@@ -456,4 +549,4 @@ def sample(
         options["eta"] = eta
     if generator is not None and "generator" in accepted:
         options["generator"] = generator
-    return fn(denoise, x, alphas_cumprod, steps, callback=callback, progress=progress, **options)
+    return fn(denoise, x, alphas_cumprod, steps, init=init, callback=callback, progress=progress, **options)
