@@ -69,9 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH", help=VAE_DECODER_HELP)
+    p.add_argument("--init-image", default=None, help="img2img: start from this image (docs/img2img.md)")
+    p.add_argument("--denoise", type=float, default=d.denoise,
+                   help="img2img strength in (0, 1]: the share of the steps run (default: %(default)s)")
+    p.add_argument("--mask", default=None, help="inpaint: white = repaint, black = keep (init: the input image)")
     add_inference_arguments(p)
     add_lora_arguments(p)
     return p
+
+
+class UsageError(ValueError):
+    """A bad --init-image, --mask or --denoise: one line, exit 2."""
+
+
+def read_init_inputs(args: argparse.Namespace, params: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(init image, mask)`` read from ``--init-image`` and ``--mask`` (``None`` when not given), after
+    checking ``--denoise`` against the steps; :class:`UsageError` naming the flag and file."""
+    from cldm.pipeline import ParamError, read_image
+
+    try:
+        params.validate()
+    except ParamError as err:
+        if err.name == "denoise":
+            raise UsageError(str(err)) from None
+    arrays = []
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        try:
+            arrays.append(None if path is None else read_image(path))
+        except ValueError as err:
+            raise UsageError(f"{flag}: {err}") from None
+    return arrays[0], arrays[1]
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
@@ -111,7 +138,7 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
         **base.to_dict(), **{k: v for k, v in given.items() if v is not None},
         "num_samples": args.num_samples, "ddim_steps": args.ddim_steps, "guess_mode": args.guess_mode,
         "strength": args.strength, "seed": args.seed, "eta": args.eta, "sampler": args.sampler,
-        "low_threshold": args.low_threshold, "high_threshold": args.high_threshold,
+        "low_threshold": args.low_threshold, "high_threshold": args.high_threshold, "denoise": args.denoise,
     })  # fmt: skip
     input_path = Path(args.input) if args.input else (DEMO_IMAGE if demo else DEFAULT_IMAGE)
     return params, input_path
@@ -119,6 +146,7 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
 
 def run(args: argparse.Namespace) -> int:
     from cldm.checkpoint import check_writable_dir
+    from cldm.img2img import InitInputError, init_inputs
     from cldm.inference import path_from_args
     from cldm.pipeline import Canny2Image, read_image
     from ldm.device import resolve_device, set_threads
@@ -134,9 +162,12 @@ def run(args: argparse.Namespace) -> int:
         params, input_path = settings(args, choice.demo)
         if choice.demo:
             print(f"demo: {input_path} -> prompt {params.prompt!r} at {params.image_resolution} px", file=sys.stderr)
+        init_image, mask = read_init_inputs(args, params)
         params.validate()
         image = read_image(input_path)
-        params.output_size(*image.shape[:2], image_name=str(input_path))  # the size bound, before loading the model
+        size = params.output_size(*image.shape[:2], image_name=str(input_path))  # the bound, before loading
+        if mask is not None:  # its aspect ratio, before loading the model
+            init_inputs(image, init_image, mask, size, f"--init-image {args.init_image}", f"--mask {args.mask}")
         device = resolve_device(args.device)
         set_threads(args.threads)
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
@@ -151,10 +182,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"lora: {fused.summary()}", file=sys.stderr)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, (UsageError, InitInputError)) else 1
     start = time.perf_counter()
     try:
-        results, seed = pipe(image, params)
+        results, seed = pipe(image, params, init_image=init_image, mask=mask)
     except NonFiniteError as err:  # never write a black image
         print(f"error: {ckpt}: {err}", file=sys.stderr)
         return 1

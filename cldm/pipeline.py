@@ -24,11 +24,12 @@ from annotator.canny import CannyDetector
 from annotator.util import HWC3, resize_image, resized_shape
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
+from cldm.img2img import init_inputs, init_latents
 from cldm.inference import InferencePath, use_path
 from cldm.lora import FusedLora, apply_loras
 from cldm.model import load_model
 from ldm.memory import release_mapped_weights
-from ldm.models.diffusion.sampling import check_sampler, check_steps, sample, sampling_steps
+from ldm.models.diffusion.sampling import check_sampler, check_steps, denoise_steps, sample, sampling_steps
 from ldm.models.taesd import TAESDDecoder, decoder_from_spec
 from ldm.util import seed_everything
 
@@ -72,6 +73,7 @@ class CannyParams:
     low_threshold: int = 100
     high_threshold: int = 200
     sampler: str = "ddim"
+    denoise: float = 1.0  # img2img strength in (0, 1] (docs/img2img.md)
 
     RANGES = {
         "num_samples": (1, 12),
@@ -106,6 +108,11 @@ class CannyParams:
                 check()
             except ValueError as err:
                 raise ParamError(name, f"{name} (--{name.replace('_', '-')}): {err}") from None
+        try:
+            if self.denoise != 1.0:
+                denoise_steps(sampling_steps(self.sampler, self.ddim_steps), self.denoise)
+        except ValueError as err:
+            raise ParamError("denoise", f"denoise (--denoise): {err}") from None
         if self.eta and self.sampler != "ddim":
             raise ParamError("eta", f"eta (--eta) applies to the ddim sampler only, got {self.eta} with {self.sampler}")
         if self.low_threshold > self.high_threshold:
@@ -329,16 +336,26 @@ class Canny2Image:
         callback: Callable[[int], None] | None = None,
         progress: bool = True,
         notify: Callable[[str], None] | None = None,
+        init_image: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
     ) -> tuple[list[np.ndarray], int]:
         """Return ``([255 - edge map, sample_1, ...], seed)``: HWC uint8 images, as the reference demo.
 
+        img2img / inpainting (docs/img2img.md): ``init_image`` (uint8 HWC/HW, resized to the output size) with
+        ``params.denoise``; ``mask`` (uint8 HWC/HW, white = repaint); without ``init_image``, a mask or a denoise
+        below 1 starts from ``input_image`` (:func:`cldm.img2img.init_inputs`; ``ValueError`` naming the init
+        image or the mask when one is not an image or the mask's aspect ratio is not the init image's).
         ``ValueError`` for parameters out of range or an output over the size bound (:meth:`CannyParams.validate`).
         A prompt longer than the text encoder reads is cut as the reference does; ``notify`` (default: a line
         on stderr) is told so once per call."""
         params.validate(input_image.shape[:2])
+        height, width = params.output_size(*input_image.shape[:2])
+        start = None
+        if init_image is not None or mask is not None or params.denoise != 1.0:
+            start = init_inputs(input_image, init_image, mask, (height, width), "init_image (--init-image)",
+                                "mask (--mask)", notify or _to_stderr)  # fmt: skip
         self._check_prompt_length(params, notify or _to_stderr)
         detected_map = self.edges(input_image, params)
-        height, width = detected_map.shape[:2]
         n = params.num_samples
         hint = torch.from_numpy(detected_map.copy()).float().to(self.device) / 255.0
         hint = hint.permute(2, 0, 1)[None].repeat(n, 1, 1, 1)
@@ -354,12 +371,14 @@ class Canny2Image:
         x_t = torch.randn((n, 4, height // 8, width // 8), device=self.device)
         # euler_a's and lcm's step noise: the seeded CPU stream, continued after the start noise
         step_noise = torch.Generator().set_state(torch.get_rng_state())
+        init = None if start is None else init_latents(model, start, x_t, params.denoise)
         samples = sample(params.sampler, denoise, x_t, model.alphas_cumprod, params.ddim_steps, eta=params.eta,
-                         generator=step_noise, callback=None if callback is None else lambda i, x, x0: callback(i),
-                         progress=progress)  # fmt: skip
+                         generator=step_noise, init=init, progress=progress,
+                         callback=None if callback is None else lambda i, x, x0: callback(i))  # fmt: skip
         self._done_with(model.model, model.control_model)
         x_samples = self.decode(samples)
         x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy().clip(0, 255).astype(np.uint8)
+        x_samples = x_samples if start is None else start.overlay(x_samples)
         return [255 - detected_map] + [x_samples[i] for i in range(n)], seed
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -7,18 +7,27 @@ init latents and noise; the kept latents of an all-black mask; the shipped tiny 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
+import cpu_canny2image
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
-from ldm.models.diffusion.sampling import SAMPLERS, InitLatents, sample
+from cldm.img2img import InitInputError, init_inputs
+from cldm.pipeline import Canny2Image, ParamError, read_image
+from ldm.models.diffusion.sampling import SAMPLERS, InitLatents, denoise_steps, sample
+from share import DEMO_CKPT, DEMO_IMAGE, demo_params
 from tests.conftest import TINY_CONFIG, random_tiny_model
 from tests.diffusers_port import convert_to_diffusers
 from tests.test_samplers import DIFFUSERS, SD15_SCHEDULER_CONFIG
+from tools.make_fill50k import COLORS
 
 TOL = 1e-4
 SCALE = 3.0
@@ -142,12 +151,13 @@ def test_all_black_mask_keeps_the_init_latents(model: torch.nn.Module, inputs: d
         assert torch.equal(our_run(model, name, inputs, strength, mask, seed=3), inputs["init"])
 
 
-def test_strength_that_runs_no_step_is_refused(inputs: dict) -> None:
-    init = InitLatents(inputs["init"], inputs["init"], 0.05)
+def test_denoise_steps() -> None:
+    assert [denoise_steps(10, s) for s in (1.0, 0.6, 0.35, 0.1)] == [10, 6, 3, 1]
     with pytest.raises(ValueError, match="runs no step"):
-        init.steps_run(10)
-    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        InitLatents(inputs["init"], inputs["init"], 1.5).steps_run(10)
+        denoise_steps(10, 0.05)
+    for strength in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+            denoise_steps(10, strength)
 
 
 def test_full_strength_img2img_starts_from_the_noised_init() -> None:
@@ -167,3 +177,115 @@ def test_full_strength_img2img_starts_from_the_noised_init() -> None:
     a = float(acp[901])
     assert torch.allclose(first[0], a**0.5 * latents + (1 - a) ** 0.5 * noise, atol=1e-6)
     assert torch.equal(first[1], noise)
+
+
+@pytest.fixture(scope="module")
+def demo() -> Canny2Image:
+    """The shipped tiny demo (a trained 64 px model)."""
+    return Canny2Image.from_checkpoint(TINY_CONFIG, DEMO_CKPT, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def disc() -> dict[str, np.ndarray]:
+    """The demo's input (test_imgs/disc.png, 512 px: an orange disc on gray), an init image with the disc red on
+    blue and the mask of the disc (white inside)."""
+    image = read_image(DEMO_IMAGE)
+    inside = image[..., 0] > 128
+    init = np.where(inside[..., None], np.uint8([255, 0, 0]), np.uint8([0, 0, 255])).astype(np.uint8)
+    return {"image": image, "init": init, "mask": (inside * 255).astype(np.uint8)}
+
+
+def colour_distance(pixels: np.ndarray, name: str) -> float:
+    return float(np.abs(pixels.reshape(-1, 3).astype(np.float64).mean(0) - np.array(COLORS[name])).max())
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_tiny_demo_inpaints_the_disc_and_keeps_the_rest(demo: Canny2Image, disc: dict, sampler: str) -> None:
+    """The prompt names another circle colour and another background: the disc is repainted in the circle colour,
+    the outside keeps the init's blue. In latents the kept cells are the init's (tested against diffusers above);
+    in pixels, the tiny VAE decoder spreads the repainted cells' colour over the whole 64 px image (its mid-block
+    attention is global), so the kept pixels are set back to the init's: they equal it, the round trip's error is
+    zero there."""
+    params = demo_params(prompt="green circle with yellow background", seed=1, ddim_steps=20, sampler=sampler)
+    out = demo(disc["image"], params, progress=False, init_image=disc["init"], mask=disc["mask"])[0][1]
+    size = out.shape[1::-1]
+    init = cv2.resize(disc["init"], size, interpolation=cv2.INTER_AREA)
+    inside = cv2.resize(disc["mask"], size, interpolation=cv2.INTER_AREA) >= 128
+    assert np.array_equal(out[~inside], init[~inside])
+    core = cv2.erode(inside.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0  # away from the outline
+    assert core.sum() > 200
+    assert colour_distance(out[core], "green") < 50 < colour_distance(out[core], "red")
+    plain = demo(disc["image"], params, progress=False)[0][1]  # without the mask the prompt's yellow fills the rest
+    assert colour_distance(plain[~inside], "yellow") < 50
+
+
+def test_tiny_demo_mask_without_init_image_keeps_the_input(demo: Canny2Image, disc: dict) -> None:
+    """A mask alone: the init image is the input image; an all-black mask returns the input's pixels."""
+    params = demo_params(seed=2, ddim_steps=4)
+    out = demo(disc["image"], params, progress=False, mask=np.zeros((32, 32), np.uint8))[0][1]
+    assert np.array_equal(out, cv2.resize(disc["image"], (64, 64), interpolation=cv2.INTER_AREA))
+
+
+def test_tiny_demo_img2img_keeps_more_of_the_init_at_lower_denoise(demo: Canny2Image, disc: dict) -> None:
+    """img2img: the lower the strength, the closer the sample stays to the init image (mean abs difference)."""
+    init = cv2.resize(disc["init"], (64, 64), interpolation=cv2.INTER_AREA).astype(np.float64)
+    diffs = []
+    for denoise in (0.3, 0.6, 1.0):
+        params = demo_params(prompt="green circle with yellow background", seed=3, ddim_steps=10, denoise=denoise)
+        out = demo(disc["image"], params, progress=False, init_image=disc["init"])[0][1]
+        diffs.append(float(np.abs(out - init).mean()))
+    assert diffs[0] < diffs[1] < diffs[2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mask": np.zeros((64, 32), np.uint8)}, r"mask \(--mask\): 32x64 has another aspect ratio than init_image"),
+        ({"mask": np.zeros((64, 64), np.float32)}, r"mask \(--mask\): not an image .*float32"),
+        ({"mask": "mask.png"}, r"mask \(--mask\): not an image .*str"),
+        ({"init_image": np.zeros((64, 64, 2), np.uint8)}, r"init_image \(--init-image\): not an image"),
+    ],
+)
+def test_bad_init_inputs_are_named(demo: Canny2Image, disc: dict, kwargs: dict, message: str) -> None:
+    kwargs = {"init_image": disc["init"], **kwargs}
+    with pytest.raises(InitInputError, match=message):
+        demo(disc["image"], demo_params(), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(("denoise", "message"), [(0.0, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]"), (0.04, "no step")])
+def test_denoise_is_checked(denoise: float, message: str) -> None:
+    with pytest.raises(ParamError, match=rf"denoise \(--denoise\): .*{message}") as err:
+        demo_params(denoise=denoise).validate()
+    assert err.value.name == "denoise"
+
+
+def test_mask_with_rounded_sides_is_accepted() -> None:
+    """One pixel off the init's aspect ratio is rounding: accepted."""
+    image = np.zeros((300, 451, 3), np.uint8)
+    inputs = init_inputs(image, None, np.full((100, 150), 255, np.uint8), (64, 128))
+    assert inputs.mask is not None and inputs.mask.shape == (1, 1, 8, 16) and bool(inputs.mask.all())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mask", "missing.png"], "--mask: missing.png: input image not found"),
+        (["--init-image", "missing.png"], "--init-image: missing.png: input image not found"),
+        (["--denoise", "0"], "denoise (--denoise)"),
+        (["--denoise", "2"], "denoise (--denoise)"),
+        (["--mask", "WIDE"], "has another aspect ratio"),
+        (["--mask", "TEXT"], "cannot read image"),
+    ],
+)
+def test_cli_bad_img2img_input_is_one_line_exit_2(
+    capsys: pytest.CaptureFixture, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("L", (20, 10)).save(tmp_path / "wide.png")
+    extra = [str(tmp_path / f"{e.lower()}.png") if e in ("WIDE", "TEXT") else e for e in extra]
+    code = cpu_canny2image.main(["--demo", "-o", str(tmp_path / "out"), *extra])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    lines = [line for line in err.splitlines() if not line.startswith(("demo:", "note:"))]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "out").exists()

@@ -48,6 +48,18 @@ def check_latent(x: torch.Tensor, step: int, steps: int) -> None:
                              "an overflowing model); no image is written")  # fmt: skip
 
 
+def denoise_steps(total: int, strength: float) -> int:
+    """How many of a grid of ``total`` timesteps an img2img run of ``strength`` takes: ``int(total * strength)``,
+    the last ones (diffusers' ``get_timesteps``). ``ValueError`` when ``strength`` is outside (0, 1] or none run."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"the denoise strength must be in (0, 1], got {strength}")
+    run = min(int(total * strength), total)
+    if run < 1:
+        raise ValueError(f"denoise {strength} of {total} steps runs no step: use a denoise of at least "
+                         f"{1 / total:.3g} or more steps")  # fmt: skip
+    return run
+
+
 @dataclass(frozen=True)
 class InitLatents:
     """img2img / inpainting start of a sampler run, diffusers' semantics (``StableDiffusionControlNetImg2Img``
@@ -55,27 +67,17 @@ class InitLatents:
 
     ``latents``: the clean init latents [B, 4, h, w] (scaled, as ``get_first_stage_encoding`` gives them);
     ``noise``: unit noise of the same shape (the pipelines' start noise); ``strength`` in (0, 1]: of a grid of
-    ``n`` timesteps the sampler runs the last ``int(n * strength)``, from the init latents noised to the first
-    of them; ``mask``: ``None`` (img2img) or [B or 1, 1, h, w] float, 1 = repaint, 0 = keep: after each step the
-    kept part is replaced by the init latents noised to the next timestep (the clean ones after the last step),
-    and at ``strength`` 1 the run starts from the noise alone (as diffusers' inpaint pipeline).
+    ``n`` timesteps the sampler runs the last ``int(n * strength)`` (:func:`denoise_steps`), from the init
+    latents noised to the first of them; ``mask``: ``None`` (img2img) or [B or 1, 1, h, w] float, 1 = repaint,
+    0 = keep: after each step the kept part is replaced by the init latents noised to the next timestep (the
+    clean ones after the last step), and at ``strength`` 1 the run starts from the noise alone (as diffusers'
+    inpaint pipeline).
     """
 
     latents: torch.Tensor
     noise: torch.Tensor
     strength: float = 1.0
     mask: torch.Tensor | None = None
-
-    def steps_run(self, total: int) -> int:
-        """How many of a grid of ``total`` timesteps run; ``ValueError`` when none would (``strength`` too small
-        for ``total``) or ``strength`` is outside (0, 1]."""
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"denoise strength must be in (0, 1], got {self.strength}")
-        run = min(int(total * self.strength), total)
-        if run < 1:
-            raise ValueError(f"denoise {self.strength} of {total} steps runs no step: raise the denoise strength "
-                             f"to at least {1 / total:.3g} or take more steps")  # fmt: skip
-        return run
 
     def noised(self, sigma: float) -> torch.Tensor:
         """The init latents at noise level ``sigma`` (VE, ``sqrt((1 - a) / a)``) in the VP scale:
@@ -91,7 +93,7 @@ class _Run:
 
     def __init__(self, init: InitLatents | None, sigmas: np.ndarray, ve: bool = False):
         self.init, self.ve = init, ve
-        self.skip = 0 if init is None else len(sigmas) - init.steps_run(len(sigmas))
+        self.skip = 0 if init is None else len(sigmas) - denoise_steps(len(sigmas), init.strength)
         self.sigmas = np.asarray(sigmas, dtype=np.float64)[self.skip :]
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
