@@ -64,8 +64,10 @@ def test_sample_shapes_and_intermediates(tiny_model: torch.nn.Module) -> None:
 
 def test_unsupported_reference_parameters_are_named(tiny_model: torch.nn.Module) -> None:
     cond = {"c_concat": None, "c_crossattn": [tiny_model.get_learned_conditioning(["x"])]}
-    with pytest.raises(ValueError, match=r"DDIMSampler.sample: parameter 'mask' = <Tensor of shape \(1,\)>"):
-        DDIMSampler(tiny_model).sample(2, 1, (4, 8, 8), cond, mask=torch.ones(1), x0=torch.ones(1), progress=False)
+    with pytest.raises(ValueError, match=r"DDIMSampler.sample: parameter 'quantize_x0' = True"):
+        DDIMSampler(tiny_model).sample(2, 1, (4, 8, 8), cond, quantize_x0=True, progress=False)
+    with pytest.raises(ValueError, match="mask and x0 go together"):
+        DDIMSampler(tiny_model).sample(2, 1, (4, 8, 8), cond, mask=torch.ones(1), progress=False)
     with pytest.raises(ValueError, match="parameter 'schedule' = 'cosine'"):
         DDIMSampler(tiny_model, schedule="cosine")
     with pytest.raises(TypeError, match="unexpected keyword arguments: unconditional_guidance_scal"):

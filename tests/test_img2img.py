@@ -22,6 +22,7 @@ from cldm.control import Control
 from cldm.guidance import CFGDenoiser
 from cldm.img2img import InitInputError, init_inputs
 from cldm.pipeline import Canny2Image, ParamError, read_image
+from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling import SAMPLERS, InitLatents, denoise_steps, sample
 from share import DEMO_CKPT, DEMO_IMAGE, demo_params
 from tests.conftest import TINY_CONFIG, random_tiny_model
@@ -289,3 +290,33 @@ def test_cli_bad_img2img_input_is_one_line_exit_2(
     lines = [line for line in err.splitlines() if not line.startswith(("demo:", "note:"))]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+@torch.no_grad()
+def test_reference_ddim_sampler_mask_and_x0_follow_ldm(tiny_model: torch.nn.Module, monkeypatch: Any) -> None:
+    """``DDIMSampler.sample(mask=, x0=)``: before each step, ``q_sample(x0, t)`` with fresh global-generator noise
+    where ``mask`` is 1, the running latents where it is 0 (ldm's ``ddim.py``); an all-zero mask changes nothing."""
+    model = tiny_model
+    cond = {"c_concat": [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))],
+            "c_crossattn": [model.get_learned_conditioning(["x"])]}  # fmt: skip
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1.0
+    seen: list[tuple[torch.Tensor, int]] = []
+    apply_model = model.apply_model
+    monkeypatch.setattr(model, "apply_model", lambda x, t, c, **kw: seen.append((x.clone(), int(t[0]))) or
+                        apply_model(x, t, c, **kw))  # fmt: skip
+    torch.manual_seed(3)
+    DDIMSampler(model).sample(4, 1, (4, 8, 8), cond, x_T=x_T, mask=mask, x0=x0, progress=False, verbose=False)
+    torch.manual_seed(3)
+    for x, t in seen:  # the draws in order: the blend's noise, then DDIM's step noise (zero weight at eta 0)
+        expected = model.q_sample(x0, torch.tensor([t]), torch.randn_like(x0))
+        torch.randn(x0.shape)
+        assert torch.equal(x[..., :4], expected[..., :4])
+    assert torch.equal(seen[0][0][..., 4:], x_T[..., 4:])
+    torch.manual_seed(3)
+    plain, _ = DDIMSampler(model).sample(4, 1, (4, 8, 8), cond, x_T=x_T, progress=False, verbose=False)
+    blended, _ = DDIMSampler(model).sample(4, 1, (4, 8, 8), cond, x_T=x_T, mask=torch.zeros(1, 1, 8, 8), x0=x0,
+                                           progress=False, verbose=False)  # fmt: skip
+    assert torch.equal(plain, blended)

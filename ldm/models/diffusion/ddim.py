@@ -21,8 +21,8 @@ from ldm.util import check_supported
 
 Cond = Any  # a tensor, a list of tensors, or a dict of lists as in the reference
 # Parameters of the reference's DDIMSampler.sample (cldm/ddim_hacked.py) that this sampler does not implement.
-UNSUPPORTED_SAMPLE_PARAMETERS = ("normals_sequence", "quantize_x0", "mask", "x0", "score_corrector",
-                                 "corrector_kwargs", "dynamic_threshold", "ucg_schedule")  # fmt: skip
+UNSUPPORTED_SAMPLE_PARAMETERS = ("normals_sequence", "quantize_x0", "score_corrector", "corrector_kwargs",
+                                 "dynamic_threshold", "ucg_schedule")  # fmt: skip
 
 
 def _context(c: Cond) -> torch.Tensor | None:
@@ -115,14 +115,19 @@ class DDIMSampler:
         log_every_t: int = 100,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Cond = None,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
         progress: bool = True,
         **unsupported: Any,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Sample latents [batch_size, *shape] from noise in S DDIM steps.
 
         Returns ``(samples, {"x_inter": [...], "pred_x0": [...]})`` like the reference. ``progress`` shows a tqdm
-        bar over the steps; ``callback(i)`` runs after each step. A reference parameter this sampler does not
-        implement (:data:`UNSUPPORTED_SAMPLE_PARAMETERS`: ``mask``, ``x0``, ...) raises ``ValueError`` naming it when
+        bar over the steps; ``callback(i)`` runs after each step. ``mask`` (broadcastable to the latents, 1 = keep)
+        with ``x0`` (clean latents [batch_size, *shape]): ldm's inpainting, before each step ``x = q_sample(x0, t)
+        * mask + (1 - mask) * x`` with fresh noise from torch's global generator (the last step's result is not
+        blended); one without the other raises ``ValueError``. A reference parameter this sampler does not
+        implement (:data:`UNSUPPORTED_SAMPLE_PARAMETERS`: ``quantize_x0``, ...) raises ``ValueError`` naming it when
         given a value other than None or False (:func:`ldm.util.check_supported`); any other unknown keyword raises
         ``TypeError``, as a misspelt argument does.
         """
@@ -131,6 +136,12 @@ class DDIMSampler:
             raise TypeError(f"DDIMSampler.sample() got unexpected keyword arguments: {', '.join(unknown)}")
         for name in sorted(unsupported):
             check_supported("DDIMSampler.sample", name, unsupported[name], None, False)
+        if (mask is None) != (x0 is None):
+            raise ValueError("DDIMSampler.sample: mask and x0 go together (ldm's inpainting: mask 1 = keep x0)")
+        keep = None
+        if mask is not None:
+            def keep(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.model.q_sample(x0, t, torch.randn_like(x0)) * mask + (1.0 - mask) * x
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         denoise = self.denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale)
         x = torch.randn((batch_size, *shape), device=self.device) if x_T is None else x_T
@@ -148,5 +159,6 @@ class DDIMSampler:
                 intermediates["pred_x0"].append(pred_x0)
 
         samples = sample_ddim(denoise, x, self.model.alphas_cumprod, S, eta=eta, temperature=temperature,
-                              noise_dropout=noise_dropout, callback=on_step, progress=progress)  # fmt: skip
+                              noise_dropout=noise_dropout, before_step=keep, callback=on_step,
+                              progress=progress)  # fmt: skip
         return samples, intermediates

@@ -183,11 +183,14 @@ def sample_ddim(
     noise_dropout: float = 0.0,
     discretize: str = "uniform",
     init: InitLatents | None = None,
+    before_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """DDIM (the reference's ``cldm/ddim_hacked.py`` update and timesteps; ``eta`` 0 is deterministic).
-    Raises :class:`NonFiniteError` naming the step after which the latent is not finite."""
+    ``before_step(x, t)`` (``t``: int64 [B]) returns the latents each step starts from (ldm's ``mask``/``x0``
+    blend, :class:`ldm.models.diffusion.ddim.DDIMSampler`). Raises :class:`NonFiniteError` naming the step after
+    which the latent is not finite."""
     schedule = ddim_schedule(alphas_cumprod, steps, eta, discretize)
     alphas = np.flip(schedule.alphas.double().cpu().numpy())
     run = _Run(init, np.sqrt((1.0 - alphas) / alphas))
@@ -196,6 +199,7 @@ def sample_ddim(
     total = len(timesteps)
     for i, step in enumerate(tqdm(timesteps, desc="DDIM Sampler", total=total, disable=not progress)):
         t = torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
+        x = x if before_step is None else before_step(x, t)
         e_t = denoise(x, t, i, total)
         x, pred_x0 = ddim_step(x, e_t, schedule, total - i - 1, temperature, noise_dropout)
         x = _done(x, pred_x0, i, total, callback, run)
