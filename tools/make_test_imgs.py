@@ -2,7 +2,8 @@
 
 Always writes ``circle.png``: a seeded, fill50k-style condition image (white circle outline
 on black, 512 x 512), and ``disc.png``: the tiny demo's input, an orange disc on a dark gray
-background (512 x 512) whose Canny edge map at 64 px is one clean circle outline. With
+background (512 x 512) whose Canny edge map at 64 px is one clean circle outline, and ``disc_mask.png``:
+its inpainting mask (the disc white on black, docs/img2img.md). With
 ``--skimage-wheel`` it also extracts public-domain / CC0 photos from a scikit-image wheel
 (``pip download --no-deps scikit-image``), strips their metadata and stores them as RGB PNG with
 the short side at most 512 px:
@@ -45,12 +46,14 @@ def make_circle(size: int = CIRCLE_SIZE, seed: int = CIRCLE_SEED) -> Image.Image
     return img
 
 
-def make_disc(size: int = CIRCLE_SIZE) -> Image.Image:
-    """An orange disc (centre (296, 216), radius 136 at 512 px) on dark gray, scaled to ``size``."""
+def make_disc(
+    size: int = CIRCLE_SIZE, disc: tuple[int, int, int] = (255, 140, 0), background: tuple[int, int, int] = (40, 40, 40)
+) -> Image.Image:
+    """A disc (centre (296, 216), radius 136 at 512 px; orange) on a background (dark gray), scaled to ``size``."""
     scale = size / 512
     cx, cy, radius = 296 * scale, 216 * scale, 136 * scale
-    img = Image.new("RGB", (size, size), (40, 40, 40))
-    ImageDraw.Draw(img).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(255, 140, 0))
+    img = Image.new("RGB", (size, size), background)
+    ImageDraw.Draw(img).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=disc)
     return img
 
 
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     save_png(make_circle(), args.out / "circle.png")
     save_png(make_disc(), args.out / "disc.png")
+    save_png(make_disc(disc=(255, 255, 255), background=(0, 0, 0)), args.out / "disc_mask.png")
     if args.skimage_wheel is not None:
         extract_photos(args.skimage_wheel, args.out)
 
