@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 
 TITLE = "Control Stable Diffusion with Canny Edge Maps"
 NO_IMAGE = "No input image: upload an image first."
-# The page's inputs: the reference's, in its order, then the sampler's name (the parameters of ``process``).
+# The page's inputs: the reference's, in its order, then the sampler's name and img2img's (docs/img2img.md) (the
+# parameters of ``process``).
 INPUTS = ("input_image", "prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps",
-          "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold", "sampler")  # fmt: skip
+          "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold", "sampler",
+          "denoise", "init_image", "mask")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,13 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
 def checked_request(
     uncond_hint: bool, input_image: str | dict | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
     image_resolution: float, ddim_steps: float, guess_mode: bool, strength: float, scale: float, seed: float,
-    eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim",
+    eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim", denoise: float = 1.0,
+    init_image: str | dict | None = None, mask: str | dict | None = None,
     *, limits: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[str, CannyParams]:  # fmt: skip
     """The page's inputs (:data:`INPUTS`) as ``(image path, CannyParams)``, checked without decoding the
     image: values of the right type, within the page's ``limits`` (its sliders' ``(minimum, maximum)`` by input
     name) and in range, the image present and readable, its output within the size bound (from the file's
-    header: :func:`cldm.pipeline.image_size`). The values come as the page sends them (Gradio does not
+    header: :func:`cldm.pipeline.image_size`), the init image and mask as :func:`check_init_uploads` checks them.
+    The values come as the page sends them (Gradio does not
     preprocess them: its own checks would refuse before the validator, with no message on the input): the
     image as Gradio's FileData dict or a path, numbers as JSON numbers. ``ValueError`` with the message the
     page shows; :class:`~cldm.pipeline.ParamError` (naming the input) for a parameter's fault."""
@@ -106,6 +110,7 @@ def checked_request(
         strength=number("strength", strength), scale=number("scale", scale), seed=round(number("seed", seed)),
         eta=number("eta", 0.0 if eta is None else eta), low_threshold=round(number("low_threshold", low_threshold)),
         high_threshold=round(number("high_threshold", high_threshold)), sampler=page_text("sampler", sampler) or "ddim",
+        denoise=number("denoise", denoise),
     )  # fmt: skip
     params.validate()
     try:
@@ -113,7 +118,27 @@ def checked_request(
     except ValueError as err:
         raise ValueError(shown(str(err), path)) from None
     params.output_size(*size, image_name=Path(path).name)
+    check_init_uploads(size, init_image, mask)
     return path, params
+
+
+def check_init_uploads(size: tuple[int, int], init_image: object, mask: object) -> None:
+    """The optional init image and mask uploads, from their headers: readable, and the mask of the init image's
+    aspect ratio (the input image's, ``size`` = ``(height, width)``, without one); :class:`ParamError` naming the
+    input."""
+    from cldm.img2img import same_aspect
+    from cldm.pipeline import ParamError, image_size
+
+    sizes = {"init_image": size}
+    for name, upload in (("init_image", init_image), ("mask", mask)):
+        if (path := upload_path(upload)) is not None:
+            try:
+                sizes[name] = image_size(path)
+            except ValueError as err:
+                raise ParamError(name, shown(str(err), path)) from None
+    if "mask" in sizes and not same_aspect(sizes["mask"], sizes["init_image"]):
+        (mh, mw), (ih, iw) = sizes["mask"], sizes["init_image"]
+        raise ParamError("mask", f"mask: {mw}x{mh} has another aspect ratio than the init image ({iw}x{ih})")
 
 
 def upload_path(input_image: object) -> str | None:
@@ -147,9 +172,11 @@ def page_text(name: str, value: object) -> str:
     raise ParamError(name, f"{name} must be text, got {value!r}")
 
 
-def shown(message: str, path: str | None) -> str:
-    """``message`` as the page shows it: the upload's server path (in Gradio's cache folder) as its file name."""
-    return message.replace(str(Path(path)), Path(path).name) if path else message
+def shown(message: str, *paths: str | None) -> str:
+    """``message`` as the page shows it: each upload's server path (in Gradio's cache folder) as its file name."""
+    for path in paths:
+        message = message.replace(str(Path(path)), Path(path).name) if path else message
+    return message
 
 
 def make_validator(
@@ -186,23 +213,29 @@ def make_process(
     import gradio as gr
 
     from cldm.pipeline import read_image
+    from ldm.models.diffusion.sampling import denoise_steps
 
     def process(
         input_image: str | dict | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
         image_resolution: float, ddim_steps: float, guess_mode: bool, strength: float, scale: float,
         seed: float, eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim",
+        denoise: float = 1.0, init_image: str | dict | None = None, mask: str | dict | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to inject the page's progress bar
     ) -> list:  # fmt: skip
         """Returns ``[255 - edge map, sample_1, ...]`` as HWC uint8 arrays, or shows an error on the page."""
         try:
             path, params = checked_request(uncond_hint, input_image, prompt, a_prompt, n_prompt, num_samples,
                                            image_resolution, ddim_steps, guess_mode, strength, scale, seed, eta,
-                                           low_threshold, high_threshold, sampler, limits=limits)  # fmt: skip
+                                           low_threshold, high_threshold, sampler, denoise, init_image, mask,
+                                           limits=limits)  # fmt: skip
             # an animation: the page says the first frame is used
             image = read_image(path, notify=lambda message: gr.Info(shown(message, path)))
+            init = {name: read_image(p) for name, p in (("init_image", upload_path(init_image)),
+                                                         ("mask", upload_path(mask))) if p is not None}  # fmt: skip
         except ValueError as err:
-            raise gr.Error(shown(str(err), upload_path(input_image)), print_exception=False) from None
-        steps = pipe.sampling_steps(params.ddim_steps, params.sampler)
+            paths = (upload_path(input_image), upload_path(init_image), upload_path(mask))
+            raise gr.Error(shown(str(err), *paths), print_exception=False) from None
+        steps = denoise_steps(pipe.sampling_steps(params.ddim_steps, params.sampler), params.denoise)
         desc = f"{params.sampler.upper()} sampling"
         progress((0, steps), desc=desc, unit="steps")
 
@@ -210,7 +243,7 @@ def make_process(
             progress((i + 1, steps), desc=desc, unit="steps")
 
         try:
-            results, _ = pipe(image, params, callback=on_step, notify=gr.Warning)
+            results, _ = pipe(image, params, callback=on_step, notify=gr.Warning, **init)
         except ValueError as err:  # NonFiniteError; or the size bound on the decoded image
             raise gr.Error(str(err), print_exception=False) from None
         return results
@@ -259,11 +292,18 @@ def build_page(
                     eta = gr.Number(label="eta (DDIM)", value=d.eta)
                     a_prompt = gr.Textbox(label="Added Prompt", value=d.a_prompt)
                     n_prompt = gr.Textbox(label="Negative Prompt", value=d.n_prompt)
+                with gr.Accordion("img2img / inpainting (docs/img2img.md)", open=False):
+                    denoise = gr.Slider(label="Denoise", minimum=0.01, maximum=1.0, value=d.denoise, step=0.01)
+                    init_image = gr.Image(sources=["upload"], type="filepath", image_mode=None,
+                                          label="Init image (none: the input image, with a mask or Denoise < 1)")
+                    mask = gr.Image(sources=["upload"], type="filepath", image_mode=None,
+                                    label="Mask (white = repaint)")  # fmt: skip
             with gr.Column():
                 gallery = gr.Gallery(label="Output", show_label=False, elem_id="gallery", columns=2, height="auto",
                                      format="png")  # fmt: skip
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
-                  strength, scale, seed, eta, low_threshold, high_threshold, sampler]  # fmt: skip
+                  strength, scale, seed, eta, low_threshold, high_threshold, sampler, denoise, init_image,
+                  mask]  # fmt: skip
         # the inputs reach the validator unprocessed (checked_request converts them), so that Gradio's own checks
         # (a slider's limits, a number's type, a readable image) do not refuse first with no message on the input;
         # Gradio still refuses a file that was not uploaded (a server path) before anything runs

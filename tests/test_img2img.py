@@ -320,3 +320,55 @@ def test_reference_ddim_sampler_mask_and_x0_follow_ldm(tiny_model: torch.nn.Modu
     blended, _ = DDIMSampler(model).sample(4, 1, (4, 8, 8), cond, x_T=x_T, mask=torch.zeros(1, 1, 8, 8), x0=x0,
                                            progress=False, verbose=False)  # fmt: skip
     assert torch.equal(plain, blended)
+
+
+def png(path: Path, width: int, height: int, value: int = 255) -> str:
+    Image.new("L", (width, height), value).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("init", "mask", "denoise", "at", "message"),
+    [
+        (None, None, 1.0, None, ""),
+        ((64, 64), (32, 32), 0.5, None, ""),
+        (None, (40, 20), 1.0, "mask", "mask: 40x20 has another aspect ratio than the init image (64x64)"),
+        ((128, 64), (64, 64), 1.0, "mask", "mask: 64x64 has another aspect ratio than the init image (128x64)"),
+        ("broken", None, 1.0, "init_image", "broken.png: cannot read image"),
+        (None, None, 0.0, "denoise", "denoise must be between 0.01 and 1 on this page"),
+        (None, None, 0.02, "denoise", "denoise (--denoise): denoise 0.02 of 20 steps runs no step"),
+    ],
+)
+def test_page_validator_checks_the_init_image_mask_and_denoise(
+    tmp_path: Path, init: Any, mask: Any, denoise: float, at: str | None, message: str
+) -> None:
+    """The page's img2img inputs: the message on the input at fault, before the request is queued."""
+    gradio_canny2image = pytest.importorskip("gradio_canny2image")
+    pytest.importorskip("gradio")
+    uploads = {}
+    for name, size in (("init_image", init), ("mask", mask)):
+        if size == "broken":
+            (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+            uploads[name] = str(tmp_path / "broken.png")
+        elif size is not None:
+            uploads[name] = png(tmp_path / f"{name}.png", *size)
+    given = [png(tmp_path / "input.png", 64, 64), "red circle", "", "", 1, 64, 20, False, 1.0, 9.0, 1, 0.0, 100,
+             200, "ddim", denoise, uploads.get("init_image"), uploads.get("mask")]  # fmt: skip
+    verdicts = gradio_canny2image.make_validator(limits={"denoise": (0.01, 1.0)})(*given)
+    assert [v["is_valid"] for v in verdicts] == [name != at for name in gradio_canny2image.INPUTS]
+    (said,) = [v["message"] for v in verdicts if not v["is_valid"]] or [""]
+    assert message in said if message else said == ""
+
+
+def test_page_process_inpaints_with_the_uploads(demo: Canny2Image, disc: dict, tmp_path: Path) -> None:
+    """The page's process with a mask upload and no init image: the input image is kept outside the mask."""
+    gradio_canny2image = pytest.importorskip("gradio_canny2image")
+    pytest.importorskip("gradio")
+    Image.fromarray(disc["mask"]).save(tmp_path / "mask.png")
+    process = gradio_canny2image.make_process(demo, uncond_hint=False)
+    given = [str(DEMO_IMAGE), "green circle with blue background", "", "", 1, 64, 4, False, 1.0, 5.0, 1, 0.0, 100,
+             200, "ddim", 1.0, None, str(tmp_path / "mask.png")]  # fmt: skip
+    out = process(*given, progress=lambda *a, **k: None)[1]
+    keep = cv2.resize(disc["mask"], (64, 64), interpolation=cv2.INTER_AREA) < 128
+    assert np.array_equal(out[keep], cv2.resize(disc["image"], (64, 64), interpolation=cv2.INTER_AREA)[keep])
+    assert not np.array_equal(out[~keep], cv2.resize(disc["image"], (64, 64), interpolation=cv2.INTER_AREA)[~keep])

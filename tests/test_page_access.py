@@ -86,7 +86,7 @@ def join(client: httpx.Client, image: str, name: str, image_resolution: int = 51
     deps = client.get("/config").json()["dependencies"]
     (fn_index,) = [i for i, d in enumerate(deps) if d.get("api_name") == "process"]
     data = [{"path": image, "orig_name": name, "meta": {"_type": "gradio.FileData"}}, "red circle", "", "", 1,
-            image_resolution, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim"]  # fmt: skip
+            image_resolution, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim", 1.0, None, None]  # fmt: skip
     for input_name, value in values.items():
         data[INPUTS.index(input_name)] = value
     body = {"data": data, "fn_index": fn_index, "session_hash": "test", "event_data": None, "trigger_id": None}
@@ -296,7 +296,7 @@ def test_validator_puts_the_message_on_the_input_at_fault(
     if overrides.pop("broken", False):
         image = str(tmp_path / "broken.png")
         Path(image).write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    given = [image, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim"]
+    given = [image, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim", 1.0, None, None]
     values = dict(zip(INPUTS, given, strict=True))
     values.update(overrides)
     verdicts = make_validator()(*values.values())
