@@ -140,8 +140,10 @@ class DDIMSampler:
             raise ValueError("DDIMSampler.sample: mask and x0 go together (ldm's inpainting: mask 1 = keep x0)")
         keep = None
         if mask is not None:
+
             def keep(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return self.model.q_sample(x0, t, torch.randn_like(x0)) * mask + (1.0 - mask) * x
+
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         denoise = self.denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale)
         x = torch.randn((batch_size, *shape), device=self.device) if x_T is None else x_T
