@@ -138,7 +138,7 @@ def test_demo_sampling_defaults_and_flags() -> None:
     """The demo's guidance and hint placement by default; the flags override them; SD1.5 keeps the reference's."""
     parse = cpu_canny2image.build_parser().parse_args
     demo, _ = cpu_canny2image.settings(parse([]), demo=True)
-    assert (demo.scale, demo.uncond_hint) == (5.0, False)
+    assert (demo.scale, demo.uncond_hint) == (3.0, False)
     given, _ = cpu_canny2image.settings(parse(["--scale", "7", "--uncond-hint"]), demo=True)
     assert (given.scale, given.uncond_hint) == (7.0, True)
     sd, _ = cpu_canny2image.settings(parse([]), demo=False)
