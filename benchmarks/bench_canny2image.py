@@ -30,12 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import presets
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "models" / "cldm_v15.yaml"
 DEFAULT_CKPT = Path(tempfile.gettempdir()) / "controlnet_bench" / "control_sd15_random.pth"
 PROMPT, N_PROMPT = "an astronaut, best quality, extremely detailed", "lowres, bad anatomy, worst quality"
 SCALE = 9.0
-PATHS = ("fast", "reference", "diffusers", "low-memory", "compiled")
+PATHS = ("fast", "reference", "diffusers", "low-memory", "compiled", "reference-api")
 
 
 def peak_rss_gb() -> float:
@@ -55,6 +57,12 @@ def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
+
+
+def start_background_load() -> subprocess.Popen:
+    """A process keeping one core busy with one-thread fp32 matrix multiplies (a shared machine's other work)."""
+    code = "import torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
+    return subprocess.Popen([sys.executable, "-c", code])
 
 
 def _timed(fn: Any) -> float:
@@ -153,6 +161,41 @@ def kernel_breakdown(step: Any) -> list[dict]:
     other = wall - sum(r["seconds"] for r in timed)
     rows.append({"kernel": "other", "calls": 0, "seconds": other, "share": other / wall, "tflop": 0.0, "gflops": 0.0})
     return rows
+
+
+def run_reference_api(ckpt: Path, inputs: dict, steps: int) -> dict:
+    """The README's reference-API script: ``create_model`` + ``load_state_dict`` + ``DDIMSampler(model).sample`` with
+    the reference's ``c_concat``/``c_crossattn`` dicts and ``model.control_scales``, then ``decode_first_stage``."""
+    import torch
+
+    from cldm.ddim_hacked import DDIMSampler
+    from cldm.model import create_model, load_state_dict
+
+    start = time.perf_counter()
+    model = create_model(CONFIG).cpu()
+    model.load_state_dict(load_state_dict(ckpt, location="cpu"))
+    result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
+    model.control_scales = [1.0] * 13
+    hint, (_, _, h, w) = inputs["hint"], inputs["x_T"].shape
+    cond = {"c_concat": [hint], "c_crossattn": [inputs["c"]]}
+    uncond = {"c_concat": [hint], "c_crossattn": [inputs["uc"]]}
+    stamps: list[float] = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        samples, _ = DDIMSampler(model).sample(steps, 1, (4, h, w), cond, verbose=False, eta=0.0,
+                                               x_T=inputs["x_T"].clone(), unconditional_guidance_scale=SCALE,
+                                               unconditional_conditioning=uncond, progress=False,
+                                               callback=lambda i: stamps.append(time.perf_counter()))  # fmt: skip
+        decode_start = time.perf_counter()
+        image = model.decode_first_stage(samples)
+    result |= {"decode_s": time.perf_counter() - decode_start, "whole_s": time.perf_counter() - start,
+               "peak_rss_gb": peak_rss_gb(), "step_s": _step_times(start, stamps)}  # fmt: skip
+    with torch.no_grad():
+        result["flops_per_step"] = count_flops(lambda: DDIMSampler(model).sample(
+            1, 1, (4, h, w), cond, verbose=False, x_T=inputs["x_T"].clone(), unconditional_guidance_scale=SCALE,
+            unconditional_conditioning=uncond, progress=False))  # fmt: skip
+    result["image"] = image
+    return result
 
 
 def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: bool = False) -> dict:
@@ -273,6 +316,8 @@ def worker(args: argparse.Namespace) -> int:
     inputs = torch.load(args.inputs, weights_only=True)
     if args.worker == "diffusers":
         result = run_diffusers(args.ckpt, inputs, args.steps, args.profile)
+    elif args.worker == "reference-api":
+        result = run_reference_api(args.ckpt, inputs, args.steps)
     else:
         result = run_project(args.worker, args.ckpt, inputs, args.steps, args.profile)
     image = ((result.pop("image")[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -317,7 +362,8 @@ def summarize(name: str, data: dict, gemm: float, base_image: Any) -> dict:
 
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"\n{meta['resolution']}x{meta['resolution']}, {meta['steps']} DDIM steps, CFG {SCALE}, "
-          f"{meta['threads']} threads; fp32 GEMM {meta['gemm_gflops']:.0f} GFLOP/s; "
+          f"{meta['threads']} threads; fp32 GEMM {meta['gemm_gflops']:.0f} GFLOP/s before, "
+          f"{meta['gemm_gflops_after']:.0f} after{'; one core kept busy' if meta['background_load'] else ''}; "
           f"checkpoint {meta['ckpt_gb']:.2f} GB")  # fmt: skip
     head = (f"{'path':<10} {'s/step':>7} {'1st s':>6} {'decode s':>8} {'image s':>8} {'TFLOP/st':>8} {'GFLOP/s':>8} "
             f"{'of GEMM':>7} {'eff GF/s':>8} "
@@ -353,18 +399,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--paths", default="fast,reference,diffusers,low-memory",
-                   help="comma-separated: fast, reference, diffusers, low-memory, compiled (opt-in)")
+                   help="comma-separated: fast, reference, diffusers, low-memory, compiled (opt-in), reference-api "
+                        "(opt-in: the README's create_model + DDIMSampler script)")  # fmt: skip
     p.add_argument("--low-memory-ckpt", type=Path, default=None,
                    help="bfloat16 copy of --ckpt for the low-memory path (default: made next to it)")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="random full-size checkpoint (made if missing)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results.json", help="where to write the table")
     p.add_argument("--profile", action="store_true", help="also profile one CFG step per path, by kernel")
+    p.add_argument("--presets", default=None,
+                   help="time to an image instead: comma-separated presets from reference, dpmpp, lcm, each run by "
+                        "this project and by diffusers (benchmarks/presets.py)")  # fmt: skip
+    p.add_argument("--background-load", action="store_true",
+                   help="keep one core busy (a one-thread matrix-multiply loop) during the runs, as a shared machine")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        if args.worker.startswith("preset:"):
+            return presets.worker(args.worker.removeprefix("preset:"), args)
         return worker(args)
+    if args.presets is not None:
+        names = [x.strip() for x in args.presets.split(",") if x.strip()]
+        if not names or set(names) - set(presets.PRESETS):
+            print(f"error: --presets: choose from {', '.join(presets.PRESETS)}, got {args.presets!r}", file=sys.stderr)
+            return 1
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     unknown = set(paths) - set(PATHS)
     if unknown or not paths:
@@ -385,22 +444,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ensure_checkpoint(args.ckpt)
-    if "low-memory" in paths:
+    if "low-memory" in paths and args.presets is None:
         args.low_memory_ckpt = args.low_memory_ckpt or args.ckpt.with_name(args.ckpt.stem + "_bf16.pth")
         ensure_bf16_copy(args.ckpt, args.low_memory_ckpt)
-    gemm = gemm_gflops()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        make_inputs(args.ckpt, args.resolution, tmp / "inputs.pt")
-        results = {path: run_worker(path, args, tmp / "inputs.pt", tmp) for path in paths}
-    gemm = max(gemm, gemm_gflops())  # again after the paths: one reading is easily disturbed on a shared machine
-    base = results["fast"]["image"] if "fast" in results else None
-    rows = [summarize(name, data, gemm, base) for name, data in results.items()]
+    background = start_background_load() if args.background_load else None
+    try:
+        gemm = gemm_gflops()
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            if args.presets is not None:
+                implementations = ["project", *(["diffusers"] if "diffusers" in paths else [])]
+                rows = presets.run_presets(names, implementations, args, tmp)
+            else:
+                make_inputs(args.ckpt, args.resolution, tmp / "inputs.pt")
+                results = {path: run_worker(path, args, tmp / "inputs.pt", tmp) for path in paths}
+        gemm_after = gemm_gflops()
+    finally:
+        if background is not None:
+            background.kill()
     meta = {"resolution": args.resolution, "steps": args.steps, "threads": args.threads or torch.get_num_threads(),
-            "gemm_gflops": gemm, "ckpt_gb": args.ckpt.stat().st_size / 1e9, "torch": torch.__version__}  # fmt: skip
-    print_table(rows, meta)
-    print_kernels(rows)
+            "gemm_gflops": gemm, "gemm_gflops_after": gemm_after, "background_load": args.background_load,
+            "ckpt_gb": args.ckpt.stat().st_size / 1e9, "torch": torch.__version__}  # fmt: skip
+    if args.presets is not None:
+        presets.print_rows(rows, meta)
+    else:
+        base = results["fast"]["image"] if "fast" in results else None
+        rows = [summarize(name, data, max(gemm, gemm_after), base) for name, data in results.items()]
+        print_table(rows, meta)
+        print_kernels(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {args.json}")

@@ -71,3 +71,30 @@ def convert_to_diffusers(original_config: dict[str, Any], state_dict: dict[str, 
                                       state_dict),  # fmt: skip
         "vae": build_converted(diffusers.AutoencoderKL, vae_config, sfu.convert_ldm_vae_checkpoint, state_dict),
     }
+
+
+# SD1.5's scheduler_config.json (a PNDMScheduler's): what `Scheduler.from_config(pipe.scheduler.config)` starts from.
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "steps_offset": 1, "timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False,
+    "skip_prk_steps": True, "trained_betas": None,
+}  # fmt: skip
+# the project's sampler name -> (diffusers scheduler class name, config overrides) of the scheduler it equals
+DIFFUSERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2", "predict_x0": True}),
+    "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+def diffusers_scheduler(sampler: str) -> Any:
+    """The diffusers scheduler that the project's sampler ``sampler`` (a key of ``DIFFUSERS``) equals, made from
+    SD1.5's scheduler config."""
+    import diffusers
+
+    cls_name, overrides = DIFFUSERS[sampler]
+    return getattr(diffusers, cls_name).from_config(SD15_SCHEDULER_CONFIG, **overrides)

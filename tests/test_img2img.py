@@ -26,15 +26,13 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling import SAMPLERS, InitLatents, denoise_steps, sample
 from share import DEMO_CKPT, DEMO_IMAGE, demo_params
 from tests.conftest import TINY_CONFIG, random_tiny_model
-from tests.diffusers_port import convert_to_diffusers
-from tests.test_samplers import DIFFUSERS, SD15_SCHEDULER_CONFIG
+from tests.diffusers_port import convert_to_diffusers, diffusers_scheduler
 from tools.make_fill50k import COLORS
 
 TOL = 1e-4
 SCALE = 3.0
 BATCH, LATENT = 2, 8
 STEPS = {name: 4 if name == "lcm" else 10 for name in SAMPLERS}
-SCHEDULERS = {"ddim": ("DDIMScheduler", {}), **DIFFUSERS}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,10 +88,9 @@ def diffusers_run(pipelines: dict, name: str, inputs: dict, strength: float, inp
     """The final latents of diffusers' pipeline (``output_type="latent"``): img2img takes the init latents as its
     image; inpaint gets them from a stubbed ``_encode_vae_image`` (its image is then unused pixels) and the pixel
     mask, which its nearest-neighbour resize turns into the latent mask."""
-    diffusers = pytest.importorskip("diffusers")
-    cls_name, overrides = SCHEDULERS[name]
+    pytest.importorskip("diffusers")
     pipe = pipelines["inpaint" if inpaint else "img2img"]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(SD15_SCHEDULER_CONFIG, **overrides)
+    pipe.scheduler = diffusers_scheduler(name)
     common = {"prompt_embeds": inputs["cond"], "negative_prompt_embeds": inputs["uncond"], "strength": strength,
               "control_image": inputs["hint"], "controlnet_conditioning_scale": 1.0,  # its default is 0.8
               "num_inference_steps": STEPS[name], "guidance_scale": SCALE,

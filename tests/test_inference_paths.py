@@ -180,9 +180,26 @@ def test_benchmark_summary_rates_and_table(capsys: pytest.CaptureFixture) -> Non
     assert row["step_s"] == 2.5 and row["steps_s"][0] == 3.0 and row["decode_s"] == 1.5
     assert row["gflops"] == pytest.approx(800.0) and row["gemm_fraction"] == pytest.approx(8.0)
     assert row["effective_gflops"] == pytest.approx(1600.0) and row["max_abs_diff_vs_fast"] == 0
-    print_table([row], {"resolution": 64, "steps": 4, "threads": 2, "gemm_gflops": 100.0, "ckpt_gb": 1.0})
-    line = capsys.readouterr().out.strip().splitlines()[-1].split()
-    assert line[:5] == ["fast", "2.50", "3.0", "1.5", "12.5"] and "1600.0" in line
+    print_table([row], {"resolution": 64, "steps": 4, "threads": 2, "gemm_gflops": 100.0, "gemm_gflops_after": 90.0,
+                        "background_load": True, "ckpt_gb": 1.0})  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "GEMM 100 GFLOP/s before, 90 after; one core kept busy" in lines[0]
+    assert lines[-1].split()[:5] == ["fast", "2.50", "3.0", "1.5", "12.5"] and "1600.0" in lines[-1]
+
+
+def test_time_to_image_summary() -> None:
+    """Preset rows: the median step from the step stamps, the project's speed-up and its image difference."""
+    import numpy as np
+
+    from benchmarks.presets import summarize
+
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    common = {"load_s": 1.0, "load_peak_rss_gb": 0.4, "peak_rss_gb": 6.0}
+    runs = {"project": {**common, "whole_s": 10.0, "stamps": [3.0, 5.0, 7.5, 9.0], "image": image},
+            "diffusers": {**common, "whole_s": 15.0, "stamps": [4.0, 7.0, 10.0, 13.0], "image": image + 2}}  # fmt: skip
+    ours, theirs = summarize("dpmpp", runs)
+    assert (ours["step_s"], ours["steps"], theirs["step_s"]) == (2.0, 4, 3.0)
+    assert ours["speedup_vs_diffusers"] == pytest.approx(1.5) and ours["max_diff_vs_diffusers"] == 2
 
 @torch.no_grad()
 def test_unconditional_pass_with_another_hint_gets_its_own_control(model: torch.nn.Module) -> None:

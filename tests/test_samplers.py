@@ -23,23 +23,9 @@ from cldm.pipeline import Canny2Image, CannyParams, read_image
 from ldm.models.diffusion.sampling import MAX_STEPS, SAMPLERS, sample, sampling_steps
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from share import DEMO_CKPT, DEMO_IMAGE, TINY_CONFIG
+from tests.diffusers_port import diffusers_scheduler
 
 TOL = 1e-4
-# SD1.5's scheduler_config.json (a PNDMScheduler's): what `Scheduler.from_config(pipe.scheduler.config)` starts from.
-SD15_SCHEDULER_CONFIG = {
-    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-    "steps_offset": 1, "timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False,
-    "skip_prk_steps": True, "trained_betas": None,
-}  # fmt: skip
-# sampler -> (diffusers scheduler class name, config overrides)
-DIFFUSERS = {
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2", "predict_x0": True}),
-    "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
 STOCHASTIC = ("euler_a", "lcm")
 CASES = [("dpmpp_2m", 1), ("dpmpp_2m", 4), ("dpmpp_2m", 10), ("dpmpp_2m_karras", 10), ("unipc", 1), ("unipc", 3),
          ("unipc", 10), ("unipc_karras", 10), ("euler_a", 10), ("lcm", 1), ("lcm", 4)]  # fmt: skip
@@ -77,9 +63,8 @@ def recording(denoise: Callable, seen: list[int]) -> Callable:
 @torch.no_grad()
 def diffusers_loop(name: str, denoise: Callable, noise: torch.Tensor, steps: int, seed: int) -> tuple:
     """diffusers' pipeline loop: scale x_T by init_noise_sigma, then scale_model_input, eps, step."""
-    diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
-    cls_name, overrides = DIFFUSERS[name]
-    scheduler = getattr(diffusers, cls_name).from_config(SD15_SCHEDULER_CONFIG, **overrides)
+    pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
+    scheduler = diffusers_scheduler(name)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     x = noise * scheduler.init_noise_sigma
@@ -108,8 +93,8 @@ def test_sampler_equals_diffusers_scheduler(denoiser: Callable, name: str, steps
 def test_reference_ddim_timesteps_are_leading_with_offset_1_when_steps_divide_1000() -> None:
     """The reference's ``uniform`` DDIM grid (+1) equals diffusers' DDIMScheduler with SD1.5's config at 20
     steps; at 30 the reference visits 31 timesteps, diffusers 30."""
-    diffusers = pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
-    scheduler = diffusers.DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    pytest.importorskip("diffusers", reason="diffusers (test-only dependency) is not installed")
+    scheduler = diffusers_scheduler("ddim")
     for steps, equal in ((20, True), (30, False)):
         scheduler.set_timesteps(steps)
         ours = np.flip(make_ddim_timesteps(steps, 1000))

@@ -1,0 +1,262 @@
+"""Time to an image: whole runs of the user-facing presets, this project against diffusers in the same run.
+
+    python -m benchmarks.bench_canny2image --presets reference,dpmpp,lcm --resolution 512
+
+A run is what a user waits for after the model is loaded: reading the image, Canny, text encoding, every
+sampling step, decoding, the image as uint8. Load time (and LoRA fusing) is measured apart. The presets:
+
+- ``reference``: DDIM, 20 steps, guidance 9 (the reference demo's settings), the full VAE decoder;
+- ``dpmpp``: DPM-Solver++ 2M, 10 steps, guidance 9, the full VAE decoder;
+- ``lcm``: LCM sampling, 4 steps, guidance 1 (one pass per step), an LCM-LoRA fused at scale 1 and the TAESD
+  decoder.
+
+The project runs its public pipeline (``Canny2Image.from_checkpoint(...)(image, params)``). diffusers runs its
+``StableDiffusionControlNetPipeline`` built from the same weights (converted with its own utilities), with the
+scheduler each sampler is proven equal to (``tests/diffusers_port.DIFFUSERS``), the LoRA loaded with
+``load_lora_weights`` + ``fuse_lora`` and ``AutoencoderTiny``; it gets the same start noise, the same LCM step noise
+and the same Canny map, so the two images agree to a few 8-bit levels. The weights are random (no download): the
+full-size checkpoint of the per-step benchmark, a rank-64 kohya-layout LoRA on the UNet's attention, projection
+and convolution layers and the text encoder (LCM-LoRA's shape), and a random TAESD (written once, next to the
+checkpoint). Each preset and implementation runs in its own process: its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = REPO / "test_imgs" / "astronaut.png"
+SEED = 0
+IMPLEMENTATIONS = ("project", "diffusers")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One user-facing setting: sampler name (``ldm.models.diffusion.sampling.SAMPLERS``), steps, guidance scale,
+    whether the LCM-LoRA is fused and whether TAESD decodes."""
+
+    sampler: str
+    steps: int
+    scale: float
+    lora: bool = False
+    taesd: bool = False
+
+
+PRESETS = {
+    "reference": Preset("ddim", 20, 9.0),
+    "dpmpp": Preset("dpmpp_2m", 10, 9.0),
+    "lcm": Preset("lcm", 4, 1.0, lora=True, taesd=True),
+}
+
+
+def asset_paths(ckpt: Path) -> tuple[Path, Path]:
+    """(the random LoRA file, the random TAESD folder), next to the benchmark checkpoint."""
+    return ckpt.with_name("lcm_lora_random.safetensors"), ckpt.with_name("taesd_random")
+
+
+def ensure_assets(config: Path, ckpt: Path) -> None:
+    """Write the random LoRA (kohya layout, rank 64, UNet convolutions included) and the random TAESD (a diffusers
+    ``AutoencoderTiny`` folder, with the public ``taesd_decoder.safetensors`` of its decoder inside) once."""
+    lora, taesd = asset_paths(ckpt)
+    if not lora.is_file():
+        from cldm.model import load_model
+        from tools.measure_lora_memory import write_random_lora
+
+        print(f"writing the random LoRA {lora} (once) ...", file=sys.stderr)
+        write_random_lora(load_model(config, ckpt), lora, rank=64, convs=True)
+    if not (taesd / "taesd_decoder.safetensors").is_file():
+        import diffusers
+        import safetensors.torch
+        import torch
+
+        from ldm.models.taesd import diffusers_to_taesd
+
+        print(f"writing the random TAESD {taesd} (once) ...", file=sys.stderr)
+        torch.manual_seed(0)
+        model = diffusers.AutoencoderTiny().eval()
+        with torch.no_grad():  # torch's default init decodes to a near-constant image
+            for param in model.parameters():
+                param.normal_(0.0, 0.045 if param.dim() > 1 else 0.1)
+        model.save_pretrained(taesd)
+        public = {k: v.contiguous() for k, v in diffusers_to_taesd(model.state_dict()).items()}
+        safetensors.torch.save_file(public, str(taesd / "taesd_decoder.safetensors"))
+
+
+def canny_map(resolution: int) -> Any:
+    """The Canny map (HWC uint8) that both implementations condition on, made as the project's pipeline does."""
+    from annotator.canny import CannyDetector
+    from annotator.util import HWC3, resize_image
+    from cldm.pipeline import read_image
+
+    image = resize_image(HWC3(read_image(IMAGE)), resolution)
+    return HWC3(CannyDetector()(image, 100, 200))
+
+
+def run_project(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt: str, n_prompt: str) -> dict:
+    """One image through ``Canny2Image``: load (with LoRA fusing) timed apart, then the whole call."""
+    import torch
+
+    from cldm.pipeline import Canny2Image, CannyParams, read_image
+
+    from .bench_canny2image import peak_rss_gb
+
+    lora, taesd = asset_paths(ckpt)
+    start = time.perf_counter()
+    pipe = Canny2Image.from_checkpoint(config, ckpt, torch.device("cpu"), loras=[(lora, 1.0)] if preset.lora else (),
+                                       vae_decoder=f"taesd:{taesd}" if preset.taesd else None)  # fmt: skip
+    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
+    params = CannyParams(prompt=prompt, a_prompt="", n_prompt=n_prompt, image_resolution=resolution,
+                         ddim_steps=preset.steps, sampler=preset.sampler, scale=preset.scale, seed=SEED)  # fmt: skip
+    stamps: list[float] = []
+    start = time.perf_counter()
+    images, _ = pipe(read_image(IMAGE), params, progress=False, callback=lambda i: stamps.append(time.perf_counter()))
+    result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps], image=images[1])
+    return result
+
+
+def run_diffusers(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt: str, n_prompt: str) -> dict:
+    """The same image through diffusers' ``StableDiffusionControlNetPipeline``."""
+    import diffusers
+    import torch
+    import transformers
+    from diffusers.loaders import single_file_utils as sfu
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from cldm.checkpoint import load_state_dict
+    from ldm.modules.encoders.modules import clip_text_config
+    from ldm.modules.encoders.tokenizer import load_clip_tokenizer
+    from tests.diffusers_port import convert_to_diffusers, diffusers_scheduler
+
+    from .bench_canny2image import peak_rss_gb
+
+    lora, taesd = asset_paths(ckpt)
+    start = time.perf_counter()
+    state_dict = load_state_dict(ckpt)
+    original = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    models = convert_to_diffusers(original, state_dict)
+    text = transformers.CLIPTextModel(clip_text_config("openai/clip-vit-large-patch14"))
+    clip = sfu.convert_ldm_clip_checkpoint(state_dict)  # transformers 5 has no text_model level
+    text.load_state_dict({k.removeprefix("text_model."): v for k, v in clip.items()}, strict=True)
+    del state_dict, clip
+    vae = diffusers.AutoencoderTiny.from_pretrained(taesd) if preset.taesd else models["vae"][0]
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        vae=vae, text_encoder=text.eval(), tokenizer=load_clip_tokenizer(), unet=models["unet"][0],
+        controlnet=models["controlnet"][0], scheduler=diffusers_scheduler(preset.sampler), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    del models
+    if preset.lora:
+        pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora(lora_scale=1.0)
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    pipe.set_progress_bar_config(disable=True)
+    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
+    stamps: list[float] = []
+
+    def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    start = time.perf_counter()
+    edges = canny_map(resolution)
+    height, width = edges.shape[:2]
+    torch.manual_seed(SEED)  # the project's start noise and, continued, its LCM step noise
+    latents = torch.randn(1, 4, height // 8, width // 8)
+    generator = torch.Generator().set_state(torch.get_rng_state())
+    with torch.no_grad():
+        out = pipe(prompt, image=Image.fromarray(edges), height=height, width=width,
+                   num_inference_steps=preset.steps, guidance_scale=preset.scale, negative_prompt=n_prompt,
+                   latents=latents, generator=generator, controlnet_conditioning_scale=1.0, output_type="np",
+                   callback_on_step_end=on_step).images  # fmt: skip
+    image = (out[0] * 255).round().clip(0, 255).astype("uint8")
+    result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps], image=image)
+    return result
+
+
+def worker(spec: str, args: argparse.Namespace) -> int:
+    """``spec`` = ``PRESET:IMPLEMENTATION``: one run in this process, its figures saved to ``args.worker_out``."""
+    import torch
+
+    from ldm.memory import tune_allocator
+
+    from .bench_canny2image import CONFIG, N_PROMPT, PROMPT, peak_rss_gb
+
+    name, implementation = spec.split(":")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if implementation == "project":
+        tune_allocator(False)  # as the scripts do
+    run = run_project if implementation == "project" else run_diffusers
+    result = run(PRESETS[name], CONFIG, args.ckpt, args.resolution, PROMPT, N_PROMPT)
+    result["peak_rss_gb"] = peak_rss_gb()
+    torch.save(result, args.worker_out)
+    return 0
+
+
+def run_worker(spec: str, args: argparse.Namespace, tmp: Path) -> dict:
+    import torch
+
+    out = tmp / f"{spec.replace(':', '_')}.pt"
+    cmd = [sys.executable, "-m", "benchmarks.bench_canny2image", "--worker", f"preset:{spec}", "--worker-out",
+           str(out), "--ckpt", str(args.ckpt), "--resolution", str(args.resolution),
+           "--threads", str(args.threads or 0)]  # fmt: skip
+    print(f"running {spec} ...", file=sys.stderr)
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise RuntimeError(f"{spec} failed")
+    return torch.load(out, weights_only=False)
+
+
+def summarize(name: str, runs: dict[str, dict]) -> list[dict]:
+    """Rows for one preset: per implementation the median step (between step stamps; the first step also pages
+    in the weights), the whole run, load time and peak RSS; the project's speed-up and image difference."""
+    import numpy as np
+
+    rows = []
+    for implementation, r in runs.items():
+        stamps = r["stamps"]
+        steps = [b - a for a, b in zip(stamps, stamps[1:])]
+        rows.append({"preset": name, "implementation": implementation, "whole_s": r["whole_s"],
+                     "step_s": statistics.median(steps) if steps else stamps[0], "steps": len(stamps),
+                     "load_s": r["load_s"], "load_peak_rss_gb": r["load_peak_rss_gb"],
+                     "peak_rss_gb": r["peak_rss_gb"]})  # fmt: skip
+    if set(runs) == set(IMPLEMENTATIONS):
+        ours, theirs = runs["project"], runs["diffusers"]
+        diff = int(np.abs(ours["image"].astype(np.int16) - theirs["image"].astype(np.int16)).max())
+        rows[0] |= {"speedup_vs_diffusers": theirs["whole_s"] / ours["whole_s"], "max_diff_vs_diffusers": diff}
+    return rows
+
+
+def print_rows(rows: list[dict], meta: dict) -> None:
+    print(f"\ntime to an image at {meta['resolution']}x{meta['resolution']}, {meta['threads']} threads; fp32 GEMM "
+          f"{meta['gemm_gflops']:.0f} GFLOP/s before, {meta['gemm_gflops_after']:.0f} after"
+          f"{'; one core kept busy' if meta['background_load'] else ''}")  # fmt: skip
+    print(f"{'preset':<10} {'run by':<10} {'steps':>5} {'s/step':>7} {'image s':>8} {'x diffusers':>11} "
+          f"{'max diff':>8} {'peak GB':>7} {'load s':>6}")  # fmt: skip
+    for r in rows:
+        speed = f"{r['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in r else ""
+        diff = f"{r['max_diff_vs_diffusers']}/255" if "max_diff_vs_diffusers" in r else ""
+        print(f"{r['preset']:<10} {r['implementation']:<10} {r['steps']:5d} {r['step_s']:7.2f} {r['whole_s']:8.1f} "
+              f"{speed:>11} {diff:>8} {r['peak_rss_gb']:7.2f} {r['load_s']:6.1f}")  # fmt: skip
+    whole = {r["preset"]: r["whole_s"] for r in rows if r["implementation"] == "project"}
+    if "reference" in whole and "dpmpp" in whole:
+        print(f"dpmpp / reference (project): {whole['dpmpp'] / whole['reference']:.2f}")
+
+
+def run_presets(names: list[str], implementations: list[str], args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Every preset in ``names`` by every implementation, alternating, each in its own process."""
+    from .bench_canny2image import CONFIG
+
+    ensure_assets(CONFIG, args.ckpt)
+    rows = []
+    for name in names:
+        runs = {impl: run_worker(f"{name}:{impl}", args, tmp) for impl in implementations}
+        rows += summarize(name, runs)
+    return rows
