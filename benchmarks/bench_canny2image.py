@@ -409,8 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default=None,
                    help="time to an image instead: comma-separated presets from reference, dpmpp, lcm, each run by "
                         "this project and by diffusers (benchmarks/presets.py)")  # fmt: skip
+    p.add_argument("--peers", default="",
+                   help="with --presets, also run: openvino, openvino-int8 (the openvino and nncf packages), "
+                        "sdcpp (stable-diffusion-cpp-python); each skipped with a message when not installed")  # fmt: skip
     p.add_argument("--background-load", action="store_true",
-                   help="keep one core busy (a one-thread matrix-multiply loop) during the runs, as a shared machine")
+                   help="keep one core busy (a one-thread matrix multiply loop) during the runs: a shared machine")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
@@ -453,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
             if args.presets is not None:
-                implementations = ["project", *(["diffusers"] if "diffusers" in paths else [])]
+                implementations = ["project", *(["diffusers"] if "diffusers" in paths else []),
+                                   *presets.available_peers(args.peers)]  # fmt: skip
                 rows = presets.run_presets(names, implementations, args, tmp)
             else:
                 make_inputs(args.ckpt, args.resolution, tmp / "inputs.pt")

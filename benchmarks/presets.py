@@ -23,6 +23,7 @@ checkpoint). Each preset and implementation runs in its own process: its peak RS
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
@@ -31,10 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "test_imgs" / "astronaut.png"
 SEED = 0
-IMPLEMENTATIONS = ("project", "diffusers")
+IMPLEMENTATIONS = ("project", "diffusers", "openvino", "openvino-int8")
 
 
 @dataclass(frozen=True)
@@ -123,22 +126,47 @@ def run_project(preset: Preset, config: Path, ckpt: Path, resolution: int, promp
 
 def run_diffusers(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt: str, n_prompt: str) -> dict:
     """The same image through diffusers' ``StableDiffusionControlNetPipeline``."""
-    import diffusers
     import torch
+    from PIL import Image
+
+    from .bench_canny2image import peak_rss_gb
+
+    start = time.perf_counter()
+    pipe = diffusers_pipeline(preset, config, ckpt)
+    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
+    stamps: list[float] = []
+
+    def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    start = time.perf_counter()
+    edges = canny_map(resolution)
+    height, width = edges.shape[:2]
+    latents, generator = start_noise(height, width)
+    with torch.no_grad():
+        out = pipe(prompt, image=Image.fromarray(edges), height=height, width=width,
+                   num_inference_steps=preset.steps, guidance_scale=preset.scale, negative_prompt=n_prompt,
+                   latents=latents, generator=generator, controlnet_conditioning_scale=1.0, output_type="np",
+                   callback_on_step_end=on_step).images  # fmt: skip
+    image = (out[0] * 255).round().clip(0, 255).astype("uint8")
+    result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps], image=image)
+    return result
+
+
+def diffusers_pipeline(preset: Preset, config: Path, ckpt: Path) -> Any:
+    """diffusers' ``StableDiffusionControlNetPipeline`` on the benchmark's weights, as the preset sets it up."""
+    import diffusers
     import transformers
     from diffusers.loaders import single_file_utils as sfu
     from omegaconf import OmegaConf
-    from PIL import Image
 
     from cldm.checkpoint import load_state_dict
     from ldm.modules.encoders.modules import clip_text_config
     from ldm.modules.encoders.tokenizer import load_clip_tokenizer
     from tests.diffusers_port import convert_to_diffusers, diffusers_scheduler
 
-    from .bench_canny2image import peak_rss_gb
-
     lora, taesd = asset_paths(ckpt)
-    start = time.perf_counter()
     state_dict = load_state_dict(ckpt)
     original = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
     models = convert_to_diffusers(original, state_dict)
@@ -152,31 +180,113 @@ def run_diffusers(preset: Preset, config: Path, ckpt: Path, resolution: int, pro
         controlnet=models["controlnet"][0], scheduler=diffusers_scheduler(preset.sampler), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    del models
     if preset.lora:
         pipe.load_lora_weights(str(lora))
         pipe.fuse_lora(lora_scale=1.0)
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     pipe.set_progress_bar_config(disable=True)
-    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    stamps: list[float] = []
+    return pipe
 
-    def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
-        stamps.append(time.perf_counter())
-        return kwargs
+
+def start_noise(height: int, width: int) -> tuple[Any, Any]:
+    """(x_T [1, 4, h/8, w/8], the generator of the LCM step noise) as the project's pipeline draws them."""
+    import torch
+
+    torch.manual_seed(SEED)
+    latents = torch.randn(1, 4, height // 8, width // 8)
+    return latents, torch.Generator().set_state(torch.get_rng_state())
+
+
+class OpenVINOModels:
+    """diffusers' ControlNet and UNet converted with ``openvino.convert_model`` (traced on the run's shapes) and
+    compiled for the CPU; ``int8``: weights compressed to int8 with ``nncf.compress_weights`` first. Called as the
+    pipeline's ControlNet + UNet pair: ``eps(x, t, context, hint)``."""
+
+    def __init__(self, pipe: Any, batch: int, height: int, width: int, int8: bool):
+        import openvino as ov
+        import torch
+
+        h, w = height // 8, width // 8
+        x, t = torch.randn(batch, 4, h, w), torch.tensor(500)
+        context, hint = torch.randn(batch, 77, 768), torch.rand(batch, 3, height, width)
+        with torch.no_grad():
+            down, mid = pipe.controlnet(x, t, context, hint, return_dict=False)
+        control = ov.convert_model(_ControlNetCall(pipe.controlnet), example_input=(x, t, context, hint))
+        unet = ov.convert_model(_UNetCall(pipe.unet), example_input=(x, t, context, *down, mid))
+        if int8:
+            import nncf
+
+            control, unet = nncf.compress_weights(control), nncf.compress_weights(unet)
+        core = ov.Core()
+        precision = {"INFERENCE_PRECISION_HINT": "f32"}  # never a lower compute precision behind the fp32 label
+        self.control, self.unet = (core.compile_model(m, "CPU", precision) for m in (control, unet))
+
+    def eps(self, x: Any, t: Any, context: Any, hint: Any) -> Any:
+        import torch
+
+        args = [a.numpy() for a in (x, t.reshape(()).to(torch.int64), context, hint)]
+        residuals = list(self.control(args).values())
+        return torch.from_numpy(self.unet([*args[:3], *residuals])[0])
+
+
+class _ControlNetCall(torch.nn.Module):
+    def __init__(self, controlnet: Any):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, x: Any, t: Any, context: Any, hint: Any) -> tuple:
+        down, mid = self.controlnet(x, t, context, hint, return_dict=False)
+        return (*down, mid)
+
+
+class _UNetCall(torch.nn.Module):
+    def __init__(self, unet: Any):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Any, t: Any, context: Any, *residuals: Any) -> Any:
+        return self.unet(x, t, context, down_block_additional_residuals=list(residuals[:-1]),
+                         mid_block_additional_residual=residuals[-1], return_dict=False)[0]  # fmt: skip
+
+
+def run_openvino(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt: str, n_prompt: str,
+                 int8: bool = False) -> dict:  # fmt: skip
+    """The preset with OpenVINO's ControlNet + UNet (fp32, or int8 weights) in diffusers' scheduler loop; text
+    encoding and decoding by diffusers' torch modules."""
+    import torch
+
+    from .bench_canny2image import peak_rss_gb
 
     start = time.perf_counter()
+    pipe = diffusers_pipeline(preset, config, ckpt)
     edges = canny_map(resolution)
     height, width = edges.shape[:2]
-    torch.manual_seed(SEED)  # the project's start noise and, continued, its LCM step noise
-    latents = torch.randn(1, 4, height // 8, width // 8)
-    generator = torch.Generator().set_state(torch.get_rng_state())
+    guided = preset.scale > 1.0
+    models = OpenVINOModels(pipe, 2 if guided else 1, height, width, int8)
+    pipe.unet = pipe.controlnet = None  # the torch copies are done with
+    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
+    stamps: list[float] = []
+    start = time.perf_counter()
+    edges = canny_map(resolution)
+    hint = torch.from_numpy(edges).float().permute(2, 0, 1)[None] / 255.0
+    x, generator = start_noise(height, width)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(preset.steps)
     with torch.no_grad():
-        out = pipe(prompt, image=Image.fromarray(edges), height=height, width=width,
-                   num_inference_steps=preset.steps, guidance_scale=preset.scale, negative_prompt=n_prompt,
-                   latents=latents, generator=generator, controlnet_conditioning_scale=1.0, output_type="np",
-                   callback_on_step_end=on_step).images  # fmt: skip
-    image = (out[0] * 255).round().clip(0, 255).astype("uint8")
+        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guided, n_prompt)
+        context = torch.cat([uncond, cond]) if guided else cond
+        hints = torch.cat([hint] * context.shape[0])
+        x = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            xin = scheduler.scale_model_input(torch.cat([x] * context.shape[0]), t)
+            eps = models.eps(xin, t, context, hints)
+            if guided:
+                e_uncond, e_cond = eps.chunk(2)
+                eps = e_uncond + preset.scale * (e_cond - e_uncond)
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+            stamps.append(time.perf_counter())
+        decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+    image = ((decoded[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps], image=image)
     return result
 
@@ -194,7 +304,8 @@ def worker(spec: str, args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if implementation == "project":
         tune_allocator(False)  # as the scripts do
-    run = run_project if implementation == "project" else run_diffusers
+    run = {"project": run_project, "diffusers": run_diffusers, "openvino": run_openvino,
+           "openvino-int8": functools.partial(run_openvino, int8=True)}[implementation]  # fmt: skip
     result = run(PRESETS[name], CONFIG, args.ckpt, args.resolution, PROMPT, N_PROMPT)
     result["peak_rss_gb"] = peak_rss_gb()
     torch.save(result, args.worker_out)
@@ -227,10 +338,12 @@ def summarize(name: str, runs: dict[str, dict]) -> list[dict]:
                      "step_s": statistics.median(steps) if steps else stamps[0], "steps": len(stamps),
                      "load_s": r["load_s"], "load_peak_rss_gb": r["load_peak_rss_gb"],
                      "peak_rss_gb": r["peak_rss_gb"]})  # fmt: skip
-    if set(runs) == set(IMPLEMENTATIONS):
-        ours, theirs = runs["project"], runs["diffusers"]
-        diff = int(np.abs(ours["image"].astype(np.int16) - theirs["image"].astype(np.int16)).max())
-        rows[0] |= {"speedup_vs_diffusers": theirs["whole_s"] / ours["whole_s"], "max_diff_vs_diffusers": diff}
+    if "diffusers" in runs:  # every other implementation against diffusers
+        theirs = runs["diffusers"]
+        for row, (implementation, r) in zip(rows, runs.items()):
+            if implementation != "diffusers":
+                diff = int(np.abs(r["image"].astype(np.int16) - theirs["image"].astype(np.int16)).max())
+                row |= {"speedup_vs_diffusers": theirs["whole_s"] / r["whole_s"], "max_diff_vs_diffusers": diff}
     return rows
 
 
@@ -248,6 +361,28 @@ def print_rows(rows: list[dict], meta: dict) -> None:
     whole = {r["preset"]: r["whole_s"] for r in rows if r["implementation"] == "project"}
     if "reference" in whole and "dpmpp" in whole:
         print(f"dpmpp / reference (project): {whole['dpmpp'] / whole['reference']:.2f}")
+
+
+PEER_PACKAGES = {"openvino": ("openvino",), "openvino-int8": ("openvino", "nncf"), "sdcpp": ("stable_diffusion_cpp",)}
+
+
+def available_peers(spec: str) -> list[str]:
+    """The peers named in ``spec`` (comma-separated) whose packages import; a line on stderr for each skipped one.
+    ``sdcpp`` has no runner here yet: it is always skipped, saying so."""
+    import importlib.util
+
+    peers = []
+    for name in (x.strip() for x in spec.split(",") if x.strip()):
+        if name not in PEER_PACKAGES:
+            raise SystemExit(f"error: --peers: unknown peer {name!r} (choose from {', '.join(PEER_PACKAGES)})")
+        missing = [m for m in PEER_PACKAGES[name] if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"skipping {name}: {', '.join(missing)} not installed", file=sys.stderr)
+        elif name == "sdcpp":
+            print("skipping sdcpp: no runner for stable-diffusion.cpp in this benchmark yet", file=sys.stderr)
+        else:
+            peers.append(name)
+    return peers
 
 
 def run_presets(names: list[str], implementations: list[str], args: argparse.Namespace, tmp: Path) -> list[dict]:
