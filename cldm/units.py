@@ -69,8 +69,9 @@ class ControlUnit:
                    params.control_end, params.low_threshold, params.high_threshold)  # fmt: skip
 
     def check(self, name: str = "control") -> None:
-        """``ValueError`` "<name>: <problem>" for an unknown annotator, a strength outside [0, 2], a window outside
-        0 <= start <= end <= 1, or thresholds outside 1-255 or low above high."""
+        """``ValueError`` "<name>: <problem>" (just the problem for an empty ``name``) for an unknown annotator, a
+        strength outside [0, 2], a window outside 0 <= start <= end <= 1, or thresholds outside 1-255 or low above
+        high."""
         problems = [
             (self.annotator not in ANNOTATORS, f"annotator must be one of {', '.join(ANNOTATORS)}, got "
                                                f"{self.annotator!r}"),
@@ -82,7 +83,7 @@ class ControlUnit:
         ]  # fmt: skip
         for bad, message in problems:
             if bad:
-                raise ValueError(f"{name}: {message}")
+                raise ValueError(f"{name}: {message}" if name else message)
 
 
 def annotate(image: np.ndarray, annotator: str, low_threshold: int = 100, high_threshold: int = 200) -> np.ndarray:
@@ -218,7 +219,7 @@ def parse_control_spec(text: str) -> ControlSpec:
                 wanted = "a number" if kind is float else "an integer"
                 raise fail(f"part '{key}' needs {wanted}, got '{value}'") from None
     try:
-        spec.unit(None, None).check("settings")
+        spec.unit(None, None).check("")
     except ValueError as err:
         raise fail(str(err)) from None
     return spec
