@@ -315,3 +315,33 @@ def test_cli_two_controlnets_write_each_map_and_the_api_image(
     api, _ = pipe(image, params(ddim_steps=2, seed=5), progress=False, notify=quiet, units=units)
     for path, expected in zip(written, api):
         assert np.array_equal(np.array(Image.open(path)), expected)
+
+
+def test_page_second_unit_loads_its_controlnet_once(pipe: Canny2Image, second: torch.nn.Module, image: np.ndarray,
+                                                    files: dict[str, Path]) -> None:  # fmt: skip
+    """The page's second unit with a ControlNet chosen by name gives the API's image of the same two units."""
+    gradio_canny2image = pytest.importorskip("gradio_canny2image")
+    loads: list[Path] = []
+    real_load = pipe.load_controlnet
+
+    def load(config: Path, ckpt: Path, low_memory: bool = False) -> torch.nn.Module:
+        loads.append(ckpt)
+        return real_load(config, ckpt, low_memory)
+
+    pipe.load_controlnet = load  # type: ignore[method-assign]
+    try:
+        process = gradio_canny2image.make_process(pipe, False, controlnets={"second.pth": files["second"]},
+                                                  config=TINY_CONFIG)  # fmt: skip
+        p = params(ddim_steps=1)
+        args = [str(INPUT_IMAGE), p.prompt, p.a_prompt, p.n_prompt, 1, 64, 1, False, 1.0, p.scale, p.seed, 0.0, 100,
+                200, "ddim", "canny", 0.0, 1.0, str(INPUT_IMAGE), "scribble", "second.pth", 0.7, 0.0, 1.0]  # fmt: skip
+        shown = [process(*args, progress=lambda *a, **k: None) for _ in range(2)]
+    finally:
+        del pipe.load_controlnet
+    assert loads == [files["second"]]
+    units = [ControlUnit(), ControlUnit(annotator="scribble", controlnet=second, strength=0.7)]
+    api, _ = pipe(image, dataclasses.replace(p, uncond_hint=False), progress=False, notify=quiet, units=units)
+    for page_images in shown:
+        assert len(page_images) == 3
+        for a, b in zip(page_images, api):
+            assert np.array_equal(a, b)
