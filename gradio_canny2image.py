@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import gradio
+    import numpy as np
 
     from cldm.pipeline import Canny2Image, CannyParams
     from cldm.units import ControlUnit
@@ -37,18 +38,20 @@ NO_IMAGE = "No input image: upload an image first."
 INPUTS = ("input_image", "prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps",
           "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold", "sampler",
           "annotator", "control_start", "control_end", "image2", "annotator2", "controlnet2", "strength2", "start2",
-          "end2")  # fmt: skip
+          "end2", "drawing2")  # fmt: skip
 SECOND_UNIT = "Control 2"
 
 
 @dataclass(frozen=True)
 class SecondUnit:
-    """The page's second control unit as checked: its image's server path, the ControlNet's name (``main``: the
-    loaded model's) and the unit's settings (no image, no module yet)."""
+    """The page's second control unit as checked: its image's server path (``None``: the drawing, the canvas's
+    value as the page sends it), the ControlNet's name (``main``: the loaded model's) and the unit's settings (no
+    image, no module yet)."""
 
-    path: str
+    path: str | None
     controlnet: str
     unit: ControlUnit
+    drawing: dict | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,10 +104,12 @@ def checked_request(
     eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim", annotator: str = "canny",
     control_start: float = 0.0, control_end: float = 1.0, image2: str | dict | None = None, annotator2: str = "none",
     controlnet2: str = "main", strength2: float = 1.0, start2: float = 0.0, end2: float = 1.0,
+    drawing2: dict | None = None,
     *, limits: Mapping[str, tuple[float, float]] | None = None, controlnets: Collection[str] = (),
 ) -> tuple[str, CannyParams, SecondUnit | None]:  # fmt: skip
     """The page's inputs (:data:`INPUTS`) as ``(image path, CannyParams, second unit or None)``, checked without
-    decoding the images (the second unit counts when it has an image; ``controlnet2``: ``main`` or one of
+    decoding the images (the second unit counts when it has an image, else a drawing ``drawing2``, read as a
+    scribble; ``controlnet2``: ``main`` or one of
     ``controlnets``, the page's choices): values of the right type, within the page's ``limits`` (its sliders'
     ``(minimum, maximum)`` by input name) and in range, the image present and readable, its output within the
     size bound (from the file's header: :func:`cldm.pipeline.image_size`), the second image readable (from its
@@ -141,7 +146,8 @@ def checked_request(
         raise ValueError(shown(str(err), path)) from None
     params.output_size(*size, image_name=Path(path).name)
     second_path = upload_path(image2)
-    if not second_path:
+    drawn = isinstance(drawing2, dict) and bool(drawing2.get("id") or drawing2.get("composite"))
+    if not second_path and not drawn:
         return path, params, None
     name = page_text("controlnet2", controlnet2) or MAIN
     if name != MAIN and name not in controlnets:
@@ -155,6 +161,8 @@ def checked_request(
                                        f"{unit.annotator!r}")  # fmt: skip
     if unit.start > unit.end:
         raise ParamError("start2", f"{SECOND_UNIT}: start ({unit.start:g}) must not exceed end ({unit.end:g})")
+    if not second_path:  # the drawing: black strokes on white, a scribble
+        return path, params, SecondUnit(None, name, dataclasses.replace(unit, annotator="scribble"), drawing2)
     try:
         image_size(second_path)
     except ValueError as err:
@@ -226,11 +234,13 @@ def make_validator(
 def make_process(
     pipe: Canny2Image, uncond_hint: bool = True, limits: Mapping[str, tuple[float, float]] | None = None,
     controlnets: Mapping[str, Path] | None = None, config: Path | None = None,
+    read_drawing: Callable[[dict], np.ndarray | None] | None = None,
 ) -> Callable[..., list]:  # fmt: skip
     """The page's ``process`` (the inputs of :data:`INPUTS`, in that order), bound to ``pipe``; ``uncond_hint``:
     whether the unconditional pass gets the hint too (the reference: yes; the tiny demo: no). It checks the
     request again (:func:`checked_request`, with the page's ``limits``), for calls that skip the validator.
-    ``controlnets``: the second unit's ControlNet choices (name -> file, read with ``config`` when first used)."""
+    ``controlnets``: the second unit's ControlNet choices (name -> file, read with ``config`` when first used);
+    ``read_drawing``: the canvas's value -> its drawing (HWC uint8, strokes flattened on white) or None."""
     import gradio as gr
 
     from cldm.pipeline import read_image
@@ -241,10 +251,16 @@ def make_process(
 
     def units_of(params: CannyParams, second: SecondUnit | None, notify: Callable[[str], None]
                  ) -> list[ControlUnit] | None:  # fmt: skip
-        """The run's control units: ``None`` (the single unit of ``params``) without a second image."""
+        """The run's control units: ``None`` (the single unit of ``params``) without a second image or drawing
+        (a blank canvas counts as none)."""
         if second is None:
             return None
-        image = read_image(second.path, notify=lambda message: notify(shown(message, second.path)))
+        if second.path is None:
+            image = read_drawing(second.drawing) if read_drawing and second.drawing else None
+            if image is None or (image == 255).all():
+                return None
+        else:
+            image = read_image(second.path, notify=lambda message: notify(shown(message, second.path)))
         if second.controlnet != MAIN and second.controlnet not in loaded:
             loaded[second.controlnet] = pipe.load_controlnet(config, controlnets[second.controlnet])
         unit = dataclasses.replace(second.unit, image=image, controlnet=loaded.get(second.controlnet))
@@ -256,7 +272,7 @@ def make_process(
         seed: float, eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim",
         annotator: str = "canny", control_start: float = 0.0, control_end: float = 1.0,
         image2: str | dict | None = None, annotator2: str = "none", controlnet2: str = "main",
-        strength2: float = 1.0, start2: float = 0.0, end2: float = 1.0,
+        strength2: float = 1.0, start2: float = 0.0, end2: float = 1.0, drawing2: dict | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to inject the page's progress bar
     ) -> list:  # fmt: skip
         """Returns ``[shown map(s), sample_1, ...]`` as HWC uint8 arrays (one map per control unit, see
@@ -265,8 +281,8 @@ def make_process(
             path, params, second = checked_request(
                 uncond_hint, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
                 guess_mode, strength, scale, seed, eta, low_threshold, high_threshold, sampler, annotator,
-                control_start, control_end, image2, annotator2, controlnet2, strength2, start2, end2, limits=limits,
-                controlnets=controlnets,
+                control_start, control_end, image2, annotator2, controlnet2, strength2, start2, end2, drawing2,
+                limits=limits, controlnets=controlnets,
             )  # fmt: skip
             # an animation: the page says the first frame is used
             image = read_image(path, notify=lambda message: gr.Info(shown(message, path)))
@@ -299,6 +315,7 @@ def build_page(
     image, annotator, ControlNet: the model's own or one of ``controlnets``, name -> file read with ``config``;
     strength and window) sits in the "Control 2" accordion."""
     import gradio as gr
+    from gradio.components.image_editor import EditorData
 
     from cldm.pipeline import MAX_SEED, CannyParams
     from cldm.units import ANNOTATORS, MAIN
@@ -350,18 +367,27 @@ def build_page(
                                           step=0.01)  # fmt: skip
                     start2 = gr.Slider(label="Control 2 start", minimum=0.0, maximum=1.0, value=0.0, step=0.05)
                     end2 = gr.Slider(label="Control 2 end", minimum=0.0, maximum=1.0, value=1.0, step=0.05)
+                    # the reference's interactive scribble app, as a drawing: black strokes flattened on white
+                    drawing2 = gr.Sketchpad(label="Control 2 drawing (a scribble; used without a Control 2 image)",
+                                            type="numpy", image_mode="RGB", format="png", canvas_size=(512, 512),
+                                            brush=gr.Brush(colors=["#000000"], default_color="#000000",
+                                                           color_mode="fixed"), elem_id="drawing2")  # fmt: skip
             with gr.Column():
                 gallery = gr.Gallery(label="Output", show_label=False, elem_id="gallery", columns=2, height="auto",
                                      format="png")  # fmt: skip
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
                   strength, scale, seed, eta, low_threshold, high_threshold, sampler, annotator, control_start,
-                  control_end, image2, annotator2, controlnet2, strength2, start2, end2]  # fmt: skip
+                  control_end, image2, annotator2, controlnet2, strength2, start2, end2, drawing2]  # fmt: skip
         # the inputs reach the validator unprocessed (checked_request converts them), so that Gradio's own checks
         # (a slider's limits, a number's type, a readable image) do not refuse first with no message on the input;
         # Gradio still refuses a file that was not uploaded (a server path) before anything runs
         limits = {name: (c.minimum, c.maximum) for name, c in zip(INPUTS, inputs, strict=True)
                   if isinstance(c, gr.Slider)}  # fmt: skip
-        run_button.click(fn=make_process(pipe, d.uncond_hint, limits, controlnets, config), inputs=inputs,
+        def read_drawing(value: dict) -> np.ndarray | None:
+            return (drawing2.preprocess(EditorData.model_validate(value)) or {}).get("composite")
+
+        process = make_process(pipe, d.uncond_hint, limits, controlnets, config, read_drawing)
+        run_button.click(fn=process, inputs=inputs,
                          outputs=[gallery], concurrency_limit=1, preprocess=False,
                          validator=make_validator(d.uncond_hint, limits, list(controlnets or {})))  # fmt: skip
     page.queue(default_concurrency_limit=1)

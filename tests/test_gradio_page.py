@@ -45,7 +45,7 @@ def page_args(**overrides: object) -> list:
                   num_samples=2, image_resolution=128, ddim_steps=3, guess_mode=False, strength=1.0, scale=9.0,
                   seed=7, eta=0.0, low_threshold=100, high_threshold=200, sampler="ddim", annotator="canny",
                   control_start=0.0, control_end=1.0, image2=None, annotator2="none", controlnet2="main",
-                  strength2=1.0, start2=0.0, end2=1.0)  # fmt: skip
+                  strength2=1.0, start2=0.0, end2=1.0, drawing2=None)  # fmt: skip
     values.update(overrides)
     return list(values.values())
 
@@ -77,6 +77,34 @@ def test_process_with_a_second_unit_shows_both_maps(process) -> None:
     assert np.array_equal(results[1], 255 - scribble)
     alone = process(*page_args(num_samples=1), progress=RecordingProgress())
     assert np.array_equal(results[0], alone[0]) and not np.array_equal(results[2], alone[1])
+
+
+@pytest.mark.parametrize("blank", [False, True])
+def test_drawing_is_a_scribble_unit(tiny_model: torch.nn.Module, tmp_path: Path, blank: bool) -> None:
+    """The canvas's value (as the page sends it: strokes on a transparent layer) is read as a scribble; a blank
+    canvas adds no unit."""
+    from PIL import Image
+
+    from cldm.pipeline import read_image
+    from cldm.units import ControlUnit, control_maps
+
+    strokes = np.zeros((512, 512, 4), np.uint8)
+    if not blank:
+        strokes[200:210, 50:450, 3] = 255  # a black line
+    Image.fromarray(strokes).save(tmp_path / "composite.png")
+    sent = {"background": None, "layers": [], "composite": {"path": str(tmp_path / "composite.png"),
+            "orig_name": "composite.png", "meta": {"_type": "gradio.FileData"}}, "id": None}  # fmt: skip
+    from share import demo_params
+
+    page = gradio_canny2image.build_page(Canny2Image(tiny_model, torch.device("cpu")), defaults=demo_params())
+    (run,) = [fn for fn in page.fns.values() if fn.name == "process"]
+    results = run.fn(*page_args(num_samples=1, drawing2=sent), progress=RecordingProgress())
+    assert len(results) == (2 if blank else 3)
+    if not blank:
+        _, scribble = control_maps([ControlUnit(), ControlUnit(image=read_image(tmp_path / "composite.png"),
+                                                               annotator="scribble")], read_image(IMAGE), 128,
+                                   lambda message: None)  # fmt: skip
+        assert scribble.any() and np.array_equal(results[1], 255 - scribble)
 
 
 def test_second_unit_controlnet_choices(tmp_path: Path) -> None:

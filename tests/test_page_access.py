@@ -29,7 +29,7 @@ from gradio_canny2image import (  # noqa: E402
 
 MB = 2**20
 # The page's control-unit inputs after the sampler (annotator, window; the second unit, off without its image).
-UNITS = ["canny", 0.0, 1.0, None, "none", "main", 1.0, 0.0, 1.0]
+UNITS = ["canny", 0.0, 1.0, None, "none", "main", 1.0, 0.0, 1.0, None]
 
 
 def options(*argv: str) -> dict:
