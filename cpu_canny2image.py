@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cldm.inference import add_inference_arguments
     from cldm.lora import add_lora_arguments
     from cldm.pipeline import CannyParams
+    from cldm.units import add_control_arguments
     from ldm.device import DEVICE_CHOICES, DEVICE_ENV
     from ldm.models.diffusion.sampling import MAX_STEPS, SAMPLERS
     from ldm.models.taesd import SPEC_HELP as VAE_DECODER_HELP
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (0 = deterministic; ddim only)")
     p.add_argument("--low-threshold", type=int, default=d.low_threshold, help="Canny low threshold (1-255)")
     p.add_argument("--high-threshold", type=int, default=d.high_threshold, help="Canny high threshold (1-255)")
+    add_control_arguments(p, d)
     p.add_argument("--ckpt", default=None, help=f"checkpoint (default: {DEFAULT_CKPT.relative_to(REPO)})")
     add_base_arguments(p)
     p.add_argument("--config", default=None, help=f"model config (default: {DEFAULT_CONFIG.relative_to(REPO)})")
@@ -139,9 +141,26 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
         "num_samples": args.num_samples, "ddim_steps": args.ddim_steps, "guess_mode": args.guess_mode,
         "strength": args.strength, "seed": args.seed, "eta": args.eta, "sampler": args.sampler,
         "low_threshold": args.low_threshold, "high_threshold": args.high_threshold, "denoise": args.denoise,
+        "annotator": args.annotator, "control_start": args.control_start, "control_end": args.control_end,
     })  # fmt: skip
     input_path = Path(args.input) if args.input else (DEMO_IMAGE if demo else DEFAULT_IMAGE)
     return params, input_path
+
+
+def control_units(pipe: Any, params: Any, args: argparse.Namespace, config: Path, images: list) -> list:
+    """The run's control units: the shorthand's (``--input`` with ``--annotator``, ``--strength``, ...: the
+    ``--ckpt`` model's ControlNet), then one per ``--control`` (``images``: their control images, ``None`` for
+    ``--input``), each ControlNet file loaded once with the model's config and base."""
+    from cldm.units import ControlUnit
+
+    loaded: dict = {}
+    units = [ControlUnit.from_params(params)]
+    for spec, image in zip(args.control, images):
+        if spec.ckpt is not None and spec.ckpt not in loaded:
+            loaded[spec.ckpt] = pipe.load_controlnet(config, spec.ckpt, low_memory=args.low_memory)
+            print(f"loaded ControlNet {spec.ckpt}", file=sys.stderr)
+        units.append(spec.unit(image, loaded.get(spec.ckpt)))
+    return units
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         size = params.output_size(*image.shape[:2], image_name=str(input_path))  # the bound, before loading
         if mask is not None:  # its aspect ratio, before loading the model
             init_inputs(image, init_image, mask, size, f"--init-image {args.init_image}", f"--mask {args.mask}")
+        images = [read_image(spec.image) if spec.image else None for spec in args.control]
         device = resolve_device(args.device)
         set_threads(args.threads)
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
@@ -180,17 +200,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"loaded {ckpt} ({config.name}) on {device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         for fused in pipe.loras:
             print(f"lora: {fused.summary()}", file=sys.stderr)
+        units = control_units(pipe, params, args, config, images)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, (UsageError, InitInputError)) else 1
     start = time.perf_counter()
     try:
-        results, seed = pipe(image, params, init_image=init_image, mask=mask)
+        results, seed = pipe(image, params, init_image=init_image, mask=mask, units=units)
     except NonFiniteError as err:  # never write a black image
         print(f"error: {ckpt}: {err}", file=sys.stderr)
         return 1
-    stem = input_path.stem
-    paths = [out_dir / f"{stem}_edges.png"] + [out_dir / f"{stem}_{seed}_{i}.png" for i in range(len(results) - 1)]
+    stem, k = input_path.stem, len(units)
+    paths = ([out_dir / f"{stem}_edges.png"] + [out_dir / f"{stem}_control{i}.png" for i in range(2, k + 1)]
+             + [out_dir / f"{stem}_{seed}_{i}.png" for i in range(len(results) - k)])  # fmt: skip
     try:
         save_all(results, paths)
     except OSError as err:  # e.g. a full disk: save_all has removed what it wrote
@@ -198,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     h, w = results[0].shape[:2]
     took = time.perf_counter() - start
-    print(f"seed {seed}: {len(results) - 1} sample(s) at {w}x{h} in {took:.1f} s", file=sys.stderr)
+    print(f"seed {seed}: {len(results) - k} sample(s) at {w}x{h} in {took:.1f} s", file=sys.stderr)
     for path in paths:
         print(path)
     return 0

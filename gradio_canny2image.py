@@ -15,25 +15,43 @@ and ``--max-upload-mb`` (Gradio's upload limit).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import gradio
+    import numpy as np
 
     from cldm.pipeline import Canny2Image, CannyParams
+    from cldm.units import ControlUnit
 
 TITLE = "Control Stable Diffusion with Canny Edge Maps"
 NO_IMAGE = "No input image: upload an image first."
-# The page's inputs: the reference's, in its order, then the sampler's name and img2img's (docs/img2img.md) (the
-# parameters of ``process``).
+# The page's inputs: the reference's, in its order, then the sampler's name, img2img's (docs/img2img.md), the first
+# control unit's annotator and window, and the second control unit (the parameters of ``process``).
 INPUTS = ("input_image", "prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps",
           "guess_mode", "strength", "scale", "seed", "eta", "low_threshold", "high_threshold", "sampler",
-          "denoise", "init_image", "mask")  # fmt: skip
+          "denoise", "init_image", "mask", "annotator", "control_start", "control_end", "image2", "annotator2",
+          "controlnet2", "strength2", "start2", "end2", "drawing2")  # fmt: skip
+SECOND_UNIT = "Control 2"
+
+
+@dataclass(frozen=True)
+class SecondUnit:
+    """The page's second control unit as checked: its image's server path (``None``: the drawing, the canvas's
+    value as the page sends it), the ControlNet's name (``main``: the loaded model's) and the unit's settings (no
+    image, no module yet)."""
+
+    path: str | None
+    controlnet: str
+    unit: ControlUnit
+    drawing: dict | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES, help=f"device (default: ${DEVICE_ENV} or cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--vae-decoder", default="full", metavar="full|taesd:PATH", help=VAE_DECODER_HELP)
+    p.add_argument("--control-net", action="append", default=[], metavar="PATH",
+                   help="a ControlNet file or folder offered to the page's second control unit, besides the "
+                        "checkpoint files in models/ (repeatable; loaded when first used)")  # fmt: skip
     add_inference_arguments(p)
     add_lora_arguments(p)
     return p
@@ -81,18 +102,25 @@ def checked_request(
     uncond_hint: bool, input_image: str | dict | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
     image_resolution: float, ddim_steps: float, guess_mode: bool, strength: float, scale: float, seed: float,
     eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim", denoise: float = 1.0,
-    init_image: str | dict | None = None, mask: str | dict | None = None,
-    *, limits: Mapping[str, tuple[float, float]] | None = None,
-) -> tuple[str, CannyParams]:  # fmt: skip
-    """The page's inputs (:data:`INPUTS`) as ``(image path, CannyParams)``, checked without decoding the
-    image: values of the right type, within the page's ``limits`` (its sliders' ``(minimum, maximum)`` by input
-    name) and in range, the image present and readable, its output within the size bound (from the file's
-    header: :func:`cldm.pipeline.image_size`), the init image and mask as :func:`check_init_uploads` checks them.
-    The values come as the page sends them (Gradio does not
+    init_image: str | dict | None = None, mask: str | dict | None = None, annotator: str = "canny",
+    control_start: float = 0.0, control_end: float = 1.0, image2: str | dict | None = None, annotator2: str = "none",
+    controlnet2: str = "main", strength2: float = 1.0, start2: float = 0.0, end2: float = 1.0,
+    drawing2: dict | None = None,
+    *, limits: Mapping[str, tuple[float, float]] | None = None, controlnets: Collection[str] = (),
+) -> tuple[str, CannyParams, SecondUnit | None]:  # fmt: skip
+    """The page's inputs (:data:`INPUTS`) as ``(image path, CannyParams, second unit or None)``, checked without
+    decoding the images (the second unit counts when it has an image, else a drawing ``drawing2``, read as a
+    scribble; ``controlnet2``: ``main`` or one of
+    ``controlnets``, the page's choices): values of the right type, within the page's ``limits`` (its sliders'
+    ``(minimum, maximum)`` by input name) and in range, the image present and readable, its output within the
+    size bound (from the file's header: :func:`cldm.pipeline.image_size`), the init image and mask as
+    :func:`check_init_uploads` checks them, the second image readable (from its header; its map is scaled to the
+    first's size). The values come as the page sends them (Gradio does not
     preprocess them: its own checks would refuse before the validator, with no message on the input): the
-    image as Gradio's FileData dict or a path, numbers as JSON numbers. ``ValueError`` with the message the
+    images as Gradio's FileData dicts or paths, numbers as JSON numbers. ``ValueError`` with the message the
     page shows; :class:`~cldm.pipeline.ParamError` (naming the input) for a parameter's fault."""
-    from cldm.pipeline import CannyParams, image_size
+    from cldm.pipeline import CannyParams, ParamError, image_size
+    from cldm.units import ANNOTATORS, MAIN, ControlUnit
 
     path = upload_path(input_image)
     if not path:
@@ -111,6 +139,8 @@ def checked_request(
         eta=number("eta", 0.0 if eta is None else eta), low_threshold=round(number("low_threshold", low_threshold)),
         high_threshold=round(number("high_threshold", high_threshold)), sampler=page_text("sampler", sampler) or "ddim",
         denoise=number("denoise", denoise),
+        annotator=page_text("annotator", annotator) or "canny", control_start=number("control_start", control_start),
+        control_end=number("control_end", control_end),
     )  # fmt: skip
     params.validate()
     try:
@@ -119,7 +149,29 @@ def checked_request(
         raise ValueError(shown(str(err), path)) from None
     params.output_size(*size, image_name=Path(path).name)
     check_init_uploads(size, init_image, mask)
-    return path, params
+    second_path = upload_path(image2)
+    drawn = isinstance(drawing2, dict) and bool(drawing2.get("id") or drawing2.get("composite"))
+    if not second_path and not drawn:
+        return path, params, None
+    name = page_text("controlnet2", controlnet2) or MAIN
+    if name != MAIN and name not in controlnets:
+        raise ParamError("controlnet2", f"{SECOND_UNIT}: unknown ControlNet {name!r} (choose from "
+                                        f"{', '.join((MAIN, *controlnets))})")  # fmt: skip
+    unit = ControlUnit(annotator=page_text("annotator2", annotator2),
+                       strength=page_number("strength2", strength2, limits.get("strength2", (0.0, 2.0))),
+                       start=page_number("start2", start2, (0.0, 1.0)), end=page_number("end2", end2, (0.0, 1.0)))
+    if unit.annotator not in ANNOTATORS:
+        raise ParamError("annotator2", f"{SECOND_UNIT}: annotator must be one of {', '.join(ANNOTATORS)}, got "
+                                       f"{unit.annotator!r}")  # fmt: skip
+    if unit.start > unit.end:
+        raise ParamError("start2", f"{SECOND_UNIT}: start ({unit.start:g}) must not exceed end ({unit.end:g})")
+    if not second_path:  # the drawing: black strokes on white, a scribble
+        return path, params, SecondUnit(None, name, dataclasses.replace(unit, annotator="scribble"), drawing2)
+    try:
+        image_size(second_path)
+    except ValueError as err:
+        raise ParamError("image2", shown(str(err), second_path)) from None
+    return path, params, SecondUnit(second_path, name, unit)
 
 
 def check_init_uploads(size: tuple[int, int], init_image: object, mask: object) -> None:
@@ -180,12 +232,12 @@ def shown(message: str, *paths: str | None) -> str:
 
 
 def make_validator(
-    uncond_hint: bool = True, limits: Mapping[str, tuple[float, float]] | None = None
+    uncond_hint: bool = True, limits: Mapping[str, tuple[float, float]] | None = None, controlnets: Collection[str] = ()
 ) -> Callable[..., list[dict]]:
     """Gradio's ``validator`` for the Run event: :func:`checked_request` on the page's inputs, run when a
     request arrives, before it is queued (so a bad or oversized request never waits for, nor blocks, the
     single worker). Returns one ``gr.validate`` per input: the message on the parameter at fault, or on the
-    image for the image's own faults (missing, unreadable, over the size bound). ``limits``: as
+    image for the image's own faults (missing, unreadable, over the size bound). ``limits``, ``controlnets``: as
     :func:`checked_request`'s."""
     import gradio as gr
 
@@ -194,7 +246,7 @@ def make_validator(
     def validate(*inputs: object) -> list[dict]:
         at, message = None, ""
         try:
-            checked_request(uncond_hint, *inputs, limits=limits)  # type: ignore[arg-type]
+            checked_request(uncond_hint, *inputs, limits=limits, controlnets=controlnets)  # type: ignore[arg-type]
         except ParamError as err:
             at, message = INPUTS.index(err.name), str(err)
         except ValueError as err:
@@ -205,35 +257,67 @@ def make_validator(
 
 
 def make_process(
-    pipe: Canny2Image, uncond_hint: bool = True, limits: Mapping[str, tuple[float, float]] | None = None
-) -> Callable[..., list]:
+    pipe: Canny2Image, uncond_hint: bool = True, limits: Mapping[str, tuple[float, float]] | None = None,
+    controlnets: Mapping[str, Path] | None = None, config: Path | None = None,
+    read_drawing: Callable[[dict], np.ndarray | None] | None = None,
+) -> Callable[..., list]:  # fmt: skip
     """The page's ``process`` (the inputs of :data:`INPUTS`, in that order), bound to ``pipe``; ``uncond_hint``:
     whether the unconditional pass gets the hint too (the reference: yes; the tiny demo: no). It checks the
-    request again (:func:`checked_request`, with the page's ``limits``), for calls that skip the validator."""
+    request again (:func:`checked_request`, with the page's ``limits``), for calls that skip the validator.
+    ``controlnets``: the second unit's ControlNet choices (name -> file, read with ``config`` when first used);
+    ``read_drawing``: the canvas's value -> its drawing (HWC uint8, strokes flattened on white) or None."""
     import gradio as gr
 
     from cldm.pipeline import read_image
+    from cldm.units import MAIN, ControlUnit
     from ldm.models.diffusion.sampling import denoise_steps
+
+    controlnets = dict(controlnets or {})
+    loaded: dict[str, object] = {}
+
+    def units_of(params: CannyParams, second: SecondUnit | None, notify: Callable[[str], None]
+                 ) -> list[ControlUnit] | None:  # fmt: skip
+        """The run's control units: ``None`` (the single unit of ``params``) without a second image or drawing
+        (a blank canvas counts as none)."""
+        if second is None:
+            return None
+        if second.path is None:
+            image = read_drawing(second.drawing) if read_drawing and second.drawing else None
+            if image is None or (image == 255).all():
+                return None
+        else:
+            image = read_image(second.path, notify=lambda message: notify(shown(message, second.path)))
+        if second.controlnet != MAIN and second.controlnet not in loaded:
+            loaded[second.controlnet] = pipe.load_controlnet(config, controlnets[second.controlnet])
+        unit = dataclasses.replace(second.unit, image=image, controlnet=loaded.get(second.controlnet))
+        return [ControlUnit.from_params(params), unit]
 
     def process(
         input_image: str | dict | None, prompt: str, a_prompt: str, n_prompt: str, num_samples: float,
         image_resolution: float, ddim_steps: float, guess_mode: bool, strength: float, scale: float,
         seed: float, eta: float, low_threshold: float, high_threshold: float, sampler: str = "ddim",
         denoise: float = 1.0, init_image: str | dict | None = None, mask: str | dict | None = None,
+        annotator: str = "canny", control_start: float = 0.0, control_end: float = 1.0,
+        image2: str | dict | None = None, annotator2: str = "none", controlnet2: str = "main",
+        strength2: float = 1.0, start2: float = 0.0, end2: float = 1.0, drawing2: dict | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way to inject the page's progress bar
     ) -> list:  # fmt: skip
-        """Returns ``[255 - edge map, sample_1, ...]`` as HWC uint8 arrays, or shows an error on the page."""
+        """Returns ``[shown map(s), sample_1, ...]`` as HWC uint8 arrays (one map per control unit, see
+        :meth:`cldm.pipeline.Canny2Image.__call__`), or shows an error on the page."""
         try:
-            path, params = checked_request(uncond_hint, input_image, prompt, a_prompt, n_prompt, num_samples,
-                                           image_resolution, ddim_steps, guess_mode, strength, scale, seed, eta,
-                                           low_threshold, high_threshold, sampler, denoise, init_image, mask,
-                                           limits=limits)  # fmt: skip
+            path, params, second = checked_request(
+                uncond_hint, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
+                guess_mode, strength, scale, seed, eta, low_threshold, high_threshold, sampler, denoise, init_image,
+                mask, annotator, control_start, control_end, image2, annotator2, controlnet2, strength2, start2,
+                end2, drawing2, limits=limits, controlnets=controlnets,
+            )  # fmt: skip
             # an animation: the page says the first frame is used
             image = read_image(path, notify=lambda message: gr.Info(shown(message, path)))
             init = {name: read_image(p) for name, p in (("init_image", upload_path(init_image)),
                                                          ("mask", upload_path(mask))) if p is not None}  # fmt: skip
-        except ValueError as err:
-            paths = (upload_path(input_image), upload_path(init_image), upload_path(mask))
+            units = units_of(params, second, gr.Info)
+        except ValueError as err:  # CheckpointError (the second ControlNet's file) included
+            paths = (upload_path(input_image), upload_path(init_image), upload_path(mask), upload_path(image2))
             raise gr.Error(shown(str(err), *paths), print_exception=False) from None
         steps = denoise_steps(pipe.sampling_steps(params.ddim_steps, params.sampler), params.denoise)
         desc = f"{params.sampler.upper()} sampling"
@@ -243,7 +327,7 @@ def make_process(
             progress((i + 1, steps), desc=desc, unit="steps")
 
         try:
-            results, _ = pipe(image, params, callback=on_step, notify=gr.Warning, **init)
+            results, _ = pipe(image, params, callback=on_step, notify=gr.Warning, units=units, **init)
         except ValueError as err:  # NonFiniteError; or the size bound on the decoded image
             raise gr.Error(str(err), print_exception=False) from None
         return results
@@ -252,13 +336,18 @@ def make_process(
 
 
 def build_page(
-    pipe: Canny2Image, notice: str | None = None, defaults: CannyParams | None = None, image: Path | None = None
-) -> gradio.Blocks:
+    pipe: Canny2Image, notice: str | None = None, defaults: CannyParams | None = None, image: Path | None = None,
+    controlnets: Mapping[str, Path] | None = None, config: Path | None = None,
+) -> gradio.Blocks:  # fmt: skip
     """The Gradio Blocks page: the reference's layout, plus ``notice`` (e.g. the demo model) on top;
-    ``defaults`` fill the controls and ``image`` the input (the demo's circle)."""
+    ``defaults`` fill the controls and ``image`` the input (the demo's circle). A second control unit (its own
+    image, annotator, ControlNet: the model's own or one of ``controlnets``, name -> file read with ``config``;
+    strength and window) sits in the "Control 2" accordion."""
     import gradio as gr
+    from gradio.components.image_editor import EditorData
 
     from cldm.pipeline import MAX_SEED, CannyParams
+    from cldm.units import ANNOTATORS, MAIN
     from ldm.models.diffusion.sampling import SAMPLERS
 
     d = defaults or CannyParams()
@@ -285,6 +374,11 @@ def build_page(
                                               value=d.low_threshold, step=1)  # fmt: skip
                     high_threshold = gr.Slider(label="Canny high threshold", minimum=1, maximum=255,
                                                value=d.high_threshold, step=1)  # fmt: skip
+                    annotator = gr.Dropdown(label="Annotator", choices=list(ANNOTATORS), value=d.annotator)
+                    control_start = gr.Slider(label="Control start", minimum=0.0, maximum=1.0,
+                                              value=d.control_start, step=0.05)  # fmt: skip
+                    control_end = gr.Slider(label="Control end", minimum=0.0, maximum=1.0, value=d.control_end,
+                                            step=0.05)  # fmt: skip
                     ddim_steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=d.ddim_steps, step=1)
                     sampler = gr.Dropdown(label="Sampler", choices=list(SAMPLERS), value=d.sampler)
                     scale = gr.Slider(label="Guidance Scale", minimum=0.1, maximum=30.0, value=d.scale, step=0.1)
@@ -298,20 +392,40 @@ def build_page(
                                           label="Init image (none: the input image, with a mask or Denoise < 1)")
                     mask = gr.Image(sources=["upload"], type="filepath", image_mode=None,
                                     label="Mask (white = repaint)")  # fmt: skip
+                with gr.Accordion(SECOND_UNIT, open=False):
+                    image2 = gr.Image(sources=["upload"], type="filepath", image_mode=None,
+                                      label="Control 2 image (empty: off)")  # fmt: skip
+                    annotator2 = gr.Dropdown(label="Control 2 annotator", choices=list(ANNOTATORS), value="none")
+                    controlnet2 = gr.Dropdown(label="Control 2 ControlNet", choices=[MAIN, *(controlnets or {})],
+                                              value=MAIN)  # fmt: skip
+                    strength2 = gr.Slider(label="Control 2 strength", minimum=0.0, maximum=2.0, value=1.0,
+                                          step=0.01)  # fmt: skip
+                    start2 = gr.Slider(label="Control 2 start", minimum=0.0, maximum=1.0, value=0.0, step=0.05)
+                    end2 = gr.Slider(label="Control 2 end", minimum=0.0, maximum=1.0, value=1.0, step=0.05)
+                    # the reference's interactive scribble app, as a drawing: black strokes flattened on white
+                    drawing2 = gr.Sketchpad(label="Control 2 drawing (a scribble; used without a Control 2 image)",
+                                            type="numpy", image_mode="RGB", format="png", canvas_size=(512, 512),
+                                            brush=gr.Brush(colors=["#000000"], default_color="#000000",
+                                                           color_mode="fixed"), elem_id="drawing2")  # fmt: skip
             with gr.Column():
                 gallery = gr.Gallery(label="Output", show_label=False, elem_id="gallery", columns=2, height="auto",
                                      format="png")  # fmt: skip
         inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
                   strength, scale, seed, eta, low_threshold, high_threshold, sampler, denoise, init_image,
-                  mask]  # fmt: skip
+                  mask, annotator, control_start, control_end, image2, annotator2, controlnet2, strength2, start2,
+                  end2, drawing2]  # fmt: skip
         # the inputs reach the validator unprocessed (checked_request converts them), so that Gradio's own checks
         # (a slider's limits, a number's type, a readable image) do not refuse first with no message on the input;
         # Gradio still refuses a file that was not uploaded (a server path) before anything runs
         limits = {name: (c.minimum, c.maximum) for name, c in zip(INPUTS, inputs, strict=True)
                   if isinstance(c, gr.Slider)}  # fmt: skip
-        run_button.click(fn=make_process(pipe, d.uncond_hint, limits), inputs=inputs, outputs=[gallery],
-                         concurrency_limit=1, validator=make_validator(d.uncond_hint, limits),
-                         preprocess=False)  # fmt: skip
+        def read_drawing(value: dict) -> np.ndarray | None:
+            return (drawing2.preprocess(EditorData.model_validate(value)) or {}).get("composite")
+
+        process = make_process(pipe, d.uncond_hint, limits, controlnets, config, read_drawing)
+        run_button.click(fn=process, inputs=inputs,
+                         outputs=[gallery], concurrency_limit=1, preprocess=False,
+                         validator=make_validator(d.uncond_hint, limits, list(controlnets or {})))  # fmt: skip
     page.queue(default_concurrency_limit=1)
     return page
 
@@ -357,6 +471,25 @@ def launch_options(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+def page_controlnets(given: list[str], *loaded: Path | None) -> dict[str, Path]:
+    """The second unit's ControlNet choices, name -> path: the ``--control-net`` paths as given, then the
+    checkpoint files and folders of ``models/`` other than the ``loaded`` ones (the model's checkpoint and
+    base), by file name. ``ValueError`` for a ``--control-net`` path that does not exist; whether a file holds a
+    usable ControlNet is found when it is first used."""
+    from cldm.checkpoint import CHECKPOINT_SUFFIXES
+
+    models = Path(__file__).resolve().parent / "models"
+    skip = {Path(p).resolve() for p in loaded if p is not None}
+    missing = [path for path in given if not Path(path).exists()]
+    if missing:
+        raise ValueError(f"--control-net {missing[0]}: file or folder not found")
+    found = {path: Path(path) for path in given}
+    for path in sorted(models.iterdir()) if models.is_dir() else []:
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.resolve() not in skip:
+            found.setdefault(path.name, path)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
@@ -383,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         choice = choose_model(args.ckpt, args.config, args.demo, args.base)
+        controlnets = page_controlnets(args.control_net, choice.ckpt, choice.base)
         notice = None
         if choice.demo:
             notice = choice.notice or describe_demo()
@@ -403,10 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         said = "LoRA: " + "; ".join(fused.summary() for fused in pipe.loras)
         print(said, file=sys.stderr)
         notice = f"{notice}\n\n{said}" if notice else said
-    if choice.demo:
-        page = build_page(pipe, notice, demo_params(), DEMO_IMAGE)
-    else:
-        page = build_page(pipe, notice, CannyParams())
+    defaults, image = (demo_params(), DEMO_IMAGE) if choice.demo else (CannyParams(), None)
+    page = build_page(pipe, notice, defaults, image, controlnets, choice.config)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # fmt: skip  # no web fonts: works offline
     try:

@@ -357,6 +357,14 @@ def load_model(
     else:
         state_dict, name = compose_state_dict(expected, config_path, ckpt_path, base_ckpt, base_ema, notify)
     check_with_hint(model, state_dict, name, Path(config_path), base)
+    return _assign(model, state_dict, name, device, low_memory)
+
+
+def _assign(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str, device: torch.device | str, low_memory: bool
+) -> nn.Module:
+    """``state_dict`` (checked finite, cast as :func:`load_model` says) made the parameters of ``model`` (built on the
+    meta device), which is returned in eval mode on ``device``."""
     check_finite(state_dict, name)
     params = {name for name, _ in model.named_parameters()}
 
@@ -369,3 +377,37 @@ def load_model(
     if low_memory:
         compute_in_float32(model)
     return model.to(torch.device(device)).eval()
+
+
+def load_controlnet(
+    config_path: str | os.PathLike,
+    ckpt_path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    low_memory: bool = False,
+    unet: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """The ControlNet alone (the config's ``control_stage_config`` module, e.g. ``cldm.cldm.ControlNet``) from any
+    file or folder :func:`load_model` reads: a whole ControlNet 1.0 file (its ``control_model.*`` only), a
+    ControlNet-only file (1.1, fp16), a diffusers ControlNet folder or hub cache, a difference file.
+
+    ``unet``: the UNet in use, reference keys (``model.diffusion_model.*``), e.g. the main model's: a difference
+    file is made whole against it (else against the file's own UNet, if it has one). Weights memory-mapped, cast
+    and computed as :func:`load_model` does (``low_memory``); returned in eval mode on ``device``. Raises
+    :class:`~cldm.checkpoint.CheckpointError`, one line naming the file, for what :func:`check_usable` refuses,
+    a file without ``control_model.*`` keys, a difference file with no UNet to add, a ControlNet of another
+    shape than the config's, and non-finite weights."""
+    config = model_config(config_path)
+    check_folder_config(ckpt_path, config, str(config_path))
+    with torch.device("meta"):
+        model = build_model(config, config_path)
+    state_dict = _read(ckpt_path, model.state_dict(), Path(config_path))
+    has = Contents.of(state_dict)
+    if not has.control:
+        raise CheckpointError(f"{ckpt_path}: no ControlNet in it (no control_model.* keys)")
+    if has.difference:
+        if unet is None and not has.unet:
+            raise CheckpointError(f"{ckpt_path}: a difference ControlNet needs the UNet it was made against")
+        state_dict = add_difference({**state_dict, **(unet or {})})
+    control = {k.removeprefix(CONTROL_PREFIX): v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+    check_state_dict(model.control_model, control, str(ckpt_path))
+    return _assign(model.control_model, control, str(ckpt_path), device, low_memory)

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from annotator.canny import CannyDetector
-from annotator.util import HWC3, resize_image, resized_shape
+from annotator.util import resized_shape
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
 from cldm.img2img import init_inputs, init_latents
 from cldm.inference import InferencePath, use_path
 from cldm.lora import FusedLora, apply_loras
 from cldm.model import load_model
+from cldm.units import ANNOTATORS, ControlUnit, control_maps, display_map, hint_tensor, load_extra_controlnet
 from ldm.memory import release_mapped_weights
 from ldm.models.diffusion.sampling import check_sampler, check_steps, denoise_steps, sample, sampling_steps
 from ldm.models.taesd import TAESDDecoder, decoder_from_spec
@@ -74,6 +74,9 @@ class CannyParams:
     high_threshold: int = 200
     sampler: str = "ddim"
     denoise: float = 1.0  # img2img strength in (0, 1] (docs/img2img.md)
+    annotator: str = "canny"  # the single unit's (cldm.units.ANNOTATORS)
+    control_start: float = 0.0  # the single unit's step window (cldm.control.Control)
+    control_end: float = 1.0
 
     RANGES = {
         "num_samples": (1, 12),
@@ -85,6 +88,8 @@ class CannyParams:
         "eta": (0.0, 1.0),
         "low_threshold": (1, 255),
         "high_threshold": (1, 255),
+        "control_start": (0.0, 1.0),
+        "control_end": (0.0, 1.0),
     }
 
     def full_prompt(self) -> str:
@@ -115,6 +120,12 @@ class CannyParams:
             raise ParamError("denoise", f"denoise (--denoise): {err}") from None
         if self.eta and self.sampler != "ddim":
             raise ParamError("eta", f"eta (--eta) applies to the ddim sampler only, got {self.eta} with {self.sampler}")
+        if self.annotator not in ANNOTATORS:
+            raise ParamError("annotator", f"annotator (--annotator) must be one of {', '.join(ANNOTATORS)}, "
+                                          f"got {self.annotator!r}")  # fmt: skip
+        if self.control_start > self.control_end:
+            raise ParamError("control_start", f"control_start (--control-start, {self.control_start:g}) must not "
+                                              f"exceed control_end (--control-end, {self.control_end:g})")  # fmt: skip
         if self.low_threshold > self.high_threshold:
             raise ParamError(
                 "low_threshold",
@@ -273,7 +284,6 @@ class Canny2Image:
         self.model = model
         self.device = device
         self.path = use_path(model, path)
-        self.apply_canny = CannyDetector()
         decoder = decoder_from_spec(vae_decoder)
         if decoder is not None and decoder.latent_channels != model.first_stage_model.embed_dim:
             raise ValueError(f"--vae-decoder: a TAESD decoder for {decoder.latent_channels}-channel latents, the "
@@ -322,11 +332,15 @@ class Canny2Image:
         return sampling_steps(sampler, ddim_steps, self.model.num_timesteps)
 
     def edges(self, input_image: np.ndarray, params: CannyParams) -> np.ndarray:
-        """Resized HWC uint8 Canny edge map (white edges on black), as fed to the ControlNet, of
-        ``params.output_size`` (``ValueError`` over the size bound)."""
+        """The single unit's resized HWC uint8 hint map (Canny: white edges on black), as fed to the ControlNet,
+        of ``params.output_size`` (``ValueError`` over the size bound)."""
         params.validate(input_image.shape[:2])
-        img = resize_image(HWC3(input_image), params.image_resolution)
-        return HWC3(self.apply_canny(img, params.low_threshold, params.high_threshold))
+        return control_maps([ControlUnit.from_params(params)], input_image, params.image_resolution, _to_stderr)[0]
+
+    def load_controlnet(self, config: str | Path, ckpt: str | Path, low_memory: bool = False) -> torch.nn.Module:
+        """A further ControlNet for :class:`~cldm.units.ControlUnit` (any layout the loader reads; a difference
+        file against this model's UNet), on this pipeline's inference path. ``CheckpointError`` naming the file."""
+        return load_extra_controlnet(self.model, config, ckpt, self.path, low_memory)
 
     @torch.no_grad()
     def __call__(
@@ -338,36 +352,45 @@ class Canny2Image:
         notify: Callable[[str], None] | None = None,
         init_image: np.ndarray | None = None,
         mask: np.ndarray | None = None,
+        units: Sequence[ControlUnit] | None = None,
     ) -> tuple[list[np.ndarray], int]:
-        """Return ``([255 - edge map, sample_1, ...], seed)``: HWC uint8 images, as the reference demo.
+        """Return ``([map_1, ..., map_k, sample_1, ...], seed)``: HWC uint8 images, as the reference demo: one
+        shown map per control unit (:func:`cldm.units.display_map`: ``255 - edge map`` for Canny), then the samples.
 
         img2img / inpainting (docs/img2img.md): ``init_image`` (uint8 HWC/HW, resized to the output size) with
         ``params.denoise``; ``mask`` (uint8 HWC/HW, white = repaint); without ``init_image``, a mask or a denoise
         below 1 starts from ``input_image`` (:func:`cldm.img2img.init_inputs`; ``ValueError`` naming the init
         image or the mask when one is not an image or the mask's aspect ratio is not the init image's).
-        ``ValueError`` for parameters out of range or an output over the size bound (:meth:`CannyParams.validate`).
-        A prompt longer than the text encoder reads is cut as the reference does; ``notify`` (default: a line
-        on stderr) is told so once per call."""
-        params.validate(input_image.shape[:2])
-        height, width = params.output_size(*input_image.shape[:2])
+        ``units``: the ControlNets of the run (:class:`~cldm.units.ControlUnit`; their residuals add up); default:
+        the single unit of ``params`` on ``input_image`` with the model's ControlNet. A unit without an image takes
+        ``input_image``; the first unit's image sets the output size; the other maps are resized to it
+        (:func:`cldm.units.control_maps`, which ``notify`` tells).
+        ``ValueError`` for parameters or units out of range or an output over the size bound
+        (:meth:`CannyParams.validate`). A prompt longer than the text encoder reads is cut as the reference does;
+        ``notify`` (default: a line on stderr) is told so once per call."""
+        notify = notify or _to_stderr
+        units = [ControlUnit.from_params(params)] if units is None else list(units)
+        first = input_image if not units or units[0].image is None else units[0].image
+        params.validate(None if first is None else first.shape[:2])
+        self._check_prompt_length(params, notify)
+        maps = control_maps(units, input_image, params.image_resolution, notify)
+        height, width = maps[0].shape[:2]
         start = None
         if init_image is not None or mask is not None or params.denoise != 1.0:
             start = init_inputs(input_image, init_image, mask, (height, width), "init_image (--init-image)",
-                                "mask (--mask)", notify or _to_stderr)  # fmt: skip
-        self._check_prompt_length(params, notify or _to_stderr)
-        detected_map = self.edges(input_image, params)
+                                "mask (--mask)", notify)  # fmt: skip
         n = params.num_samples
-        hint = torch.from_numpy(detected_map.copy()).float().to(self.device) / 255.0
-        hint = hint.permute(2, 0, 1)[None].repeat(n, 1, 1, 1)
         seed = random.randint(0, 65535) if params.seed == -1 else params.seed
         seed_everything(seed)
         model = self.model
         cond = model.get_learned_conditioning([params.full_prompt()] * n)
         uncond = model.get_learned_conditioning([params.n_prompt] * n)
         self._done_with(model.cond_stage_model)
-        control = Control.from_strength(model.control_model, hint, params.strength, params.guess_mode,
-                                        uncond_hint=params.uncond_hint, cache=self.path.reuse_hint)  # fmt: skip
-        denoise = CFGDenoiser(model, cond, uncond, params.scale, [control], batch_cfg=self.path.batch_cfg)
+        controls = [Control.from_strength(unit.controlnet or model.control_model, hint_tensor(hint, n, self.device),
+                                          unit.strength, unit.guess_mode, uncond_hint=params.uncond_hint,
+                                          cache=self.path.reuse_hint, start=unit.start, end=unit.end)
+                    for unit, hint in zip(units, maps)]  # fmt: skip
+        denoise = CFGDenoiser(model, cond, uncond, params.scale, controls, batch_cfg=self.path.batch_cfg)
         x_t = torch.randn((n, 4, height // 8, width // 8), device=self.device)
         # euler_a's and lcm's step noise: the seeded CPU stream, continued after the start noise
         step_noise = torch.Generator().set_state(torch.get_rng_state())
@@ -375,11 +398,12 @@ class Canny2Image:
         samples = sample(params.sampler, denoise, x_t, model.alphas_cumprod, params.ddim_steps, eta=params.eta,
                          generator=step_noise, init=init, progress=progress,
                          callback=None if callback is None else lambda i, x, x0: callback(i))  # fmt: skip
-        self._done_with(model.model, model.control_model)
+        self._done_with(model.model, model.control_model, *{c.model for c in controls})
         x_samples = self.decode(samples)
         x_samples = (x_samples.permute(0, 2, 3, 1) * 127.5 + 127.5).cpu().numpy().clip(0, 255).astype(np.uint8)
         x_samples = x_samples if start is None else start.overlay(x_samples)
-        return [255 - detected_map] + [x_samples[i] for i in range(n)], seed
+        shown = [display_map(hint, unit.annotator) for unit, hint in zip(units, maps)]
+        return shown + [x_samples[i] for i in range(n)], seed
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent ``z`` [B, 4, h, w] as sampled -> images [B, 3, 8h, 8w] roughly in [-1, 1]: the VAE

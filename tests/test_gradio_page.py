@@ -40,12 +40,15 @@ class RecordingProgress:
 
 
 def page_args(**overrides: object) -> list:
-    """The page's inputs, in the reference's order, with small values for the tiny model."""
+    """The page's inputs, in its order (INPUTS), with small values for the tiny model."""
     values = dict(input_image=str(IMAGE), prompt="a cat", a_prompt="best quality", n_prompt="lowres",
                   num_samples=2, image_resolution=128, ddim_steps=3, guess_mode=False, strength=1.0, scale=9.0,
-                  seed=7, eta=0.0, low_threshold=100, high_threshold=200)  # fmt: skip
+                  seed=7, eta=0.0, low_threshold=100, high_threshold=200, sampler="ddim", denoise=1.0,
+                  init_image=None, mask=None, annotator="canny", control_start=0.0, control_end=1.0, image2=None,
+                  annotator2="none", controlnet2="main", strength2=1.0, start2=0.0, end2=1.0,
+                  drawing2=None)  # fmt: skip
     values.update(overrides)
-    return list(values.values())
+    return [values[name] for name in gradio_canny2image.INPUTS]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,60 @@ def test_process_returns_edges_then_samples_and_reports_each_step(process) -> No
     assert set(np.unique(results[0])) <= {0, 255}  # the inverted edge map comes first
     # 3 steps: the reference's schedule visits 4 timesteps (1, 334, 667, 999)
     assert progress.calls == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_process_with_a_second_unit_shows_both_maps(process) -> None:
+    from cldm.pipeline import read_image
+    from cldm.units import ControlUnit, control_maps
+
+    results = process(*page_args(num_samples=1, image2=str(DEMO_IMAGE), annotator2="scribble", strength2=0.5),
+                      progress=RecordingProgress())  # fmt: skip
+    assert len(results) == 3  # two maps, one sample
+    _, scribble = control_maps([ControlUnit(), ControlUnit(image=read_image(DEMO_IMAGE), annotator="scribble")],
+                               read_image(IMAGE), 128, lambda message: None)  # fmt: skip
+    assert np.array_equal(results[1], 255 - scribble)
+    alone = process(*page_args(num_samples=1), progress=RecordingProgress())
+    assert np.array_equal(results[0], alone[0]) and not np.array_equal(results[2], alone[1])
+
+
+@pytest.mark.parametrize("blank", [False, True])
+def test_drawing_is_a_scribble_unit(tiny_model: torch.nn.Module, tmp_path: Path, blank: bool) -> None:
+    """The canvas's value (as the page sends it: strokes on a transparent layer) is read as a scribble; a blank
+    canvas adds no unit."""
+    from PIL import Image
+
+    from cldm.pipeline import read_image
+    from cldm.units import ControlUnit, control_maps
+
+    strokes = np.zeros((512, 512, 4), np.uint8)
+    if not blank:
+        strokes[200:210, 50:450, 3] = 255  # a black line
+    Image.fromarray(strokes).save(tmp_path / "composite.png")
+    sent = {"background": None, "layers": [], "composite": {"path": str(tmp_path / "composite.png"),
+            "orig_name": "composite.png", "meta": {"_type": "gradio.FileData"}}, "id": None}  # fmt: skip
+    from share import demo_params
+
+    page = gradio_canny2image.build_page(Canny2Image(tiny_model, torch.device("cpu")), defaults=demo_params())
+    (run,) = [fn for fn in page.fns.values() if fn.name == "process"]
+    results = run.fn(*page_args(num_samples=1, drawing2=sent), progress=RecordingProgress())
+    assert len(results) == (2 if blank else 3)
+    if not blank:
+        _, scribble = control_maps([ControlUnit(), ControlUnit(image=read_image(tmp_path / "composite.png"),
+                                                               annotator="scribble")], read_image(IMAGE), 128,
+                                   lambda message: None)  # fmt: skip
+        assert scribble.any() and np.array_equal(results[1], 255 - scribble)
+
+
+def test_second_unit_controlnet_choices(tmp_path: Path) -> None:
+    from share import DEMO_CKPT
+
+    extra = tmp_path / "depth.pth"
+    extra.write_bytes(b"")
+    choices = gradio_canny2image.page_controlnets([str(extra)], DEMO_CKPT)
+    assert choices == {str(extra): extra}  # models/ holds only the loaded model's checkpoint
+    assert gradio_canny2image.page_controlnets([], tmp_path / "other.ckpt") == {DEMO_CKPT.name: DEMO_CKPT}
+    with pytest.raises(ValueError, match="--control-net .*nope.pth: file or folder not found"):
+        gradio_canny2image.page_controlnets([str(tmp_path / "nope.pth")])
 
 
 @pytest.mark.parametrize(
@@ -192,6 +249,14 @@ def test_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
             page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].every(i => i.complete)")
             sizes = images.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
             assert sizes == [[64, 64]] * 3
+
+            page.get_by_text("Control 2", exact=True).click()  # a two-unit run: the circle again, as a scribble
+            page.locator("input[type=file]").nth(1).set_input_files(str(DEMO_IMAGE))
+            expect(page.get_by_label("Remove Image")).to_have_count(2)
+            page.get_by_role("button", name="Run").click()
+            expect(images).to_have_count(4, timeout=180_000)  # two maps, two samples
+            page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].every(i => i.complete)")
+            assert images.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])") == [[64, 64]] * 4
             shot = tmp_path / "gradio_canny2image.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000

@@ -28,6 +28,8 @@ from gradio_canny2image import (  # noqa: E402
 )
 
 MB = 2**20
+# The page's control-unit inputs after the sampler (annotator, window; the second unit, off without its image).
+UNITS = ["canny", 0.0, 1.0, None, "none", "main", 1.0, 0.0, 1.0, None]
 
 
 def options(*argv: str) -> dict:
@@ -86,7 +88,7 @@ def join(client: httpx.Client, image: str, name: str, image_resolution: int = 51
     deps = client.get("/config").json()["dependencies"]
     (fn_index,) = [i for i, d in enumerate(deps) if d.get("api_name") == "process"]
     data = [{"path": image, "orig_name": name, "meta": {"_type": "gradio.FileData"}}, "red circle", "", "", 1,
-            image_resolution, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim", 1.0, None, None]  # fmt: skip
+            image_resolution, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim", 1.0, None, None, *UNITS]  # fmt: skip
     for input_name, value in values.items():
         data[INPUTS.index(input_name)] = value
     body = {"data": data, "fn_index": fn_index, "session_hash": "test", "event_data": None, "trigger_id": None}
@@ -287,6 +289,14 @@ def test_exposed_page_without_login_is_warned(
         ({"broken": True}, "input_image", "broken.png: cannot read image"),
         ({"sampler": "lcm", "ddim_steps": 60}, "ddim_steps", "ddim_steps (--ddim-steps): "),
         ({"sampler": "dpmpp_2m", "eta": 0.5}, "eta", "eta (--eta) applies to the ddim sampler only"),
+        ({"annotator": "depth"}, "annotator", "annotator (--annotator) must be one of canny, none, scribble"),
+        ({"control_start": 0.8, "control_end": 0.2}, "control_start", "must not exceed control_end"),
+        ({"image2": "ok"}, None, ""),
+        ({"image2": "missing"}, "image2", "missing.png: input image not found"),
+        ({"image2": "ok", "controlnet2": "nope.pth"}, "controlnet2", "Control 2: unknown ControlNet 'nope.pth'"),
+        ({"image2": "ok", "annotator2": "pose"}, "annotator2", "Control 2: annotator must be one of"),
+        ({"image2": "ok", "start2": 0.9, "end2": 0.1}, "start2", "Control 2: start (0.9) must not exceed end (0.1)"),
+        ({"image2": "ok", "strength2": 3}, "strength2", "strength2 must be between 0 and 2"),
     ],
 )
 def test_validator_puts_the_message_on_the_input_at_fault(
@@ -296,9 +306,11 @@ def test_validator_puts_the_message_on_the_input_at_fault(
     if overrides.pop("broken", False):
         image = str(tmp_path / "broken.png")
         Path(image).write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    given = [image, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim", 1.0, None, None]
+    given = [image, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim", 1.0, None, None, *UNITS]
     values = dict(zip(INPUTS, given, strict=True))
     values.update(overrides)
+    if "image2" in overrides:  # the second control unit's image: the first's, or a missing file
+        values["image2"] = image if overrides["image2"] == "ok" else str(tmp_path / "missing.png")
     verdicts = make_validator()(*values.values())
     assert [v["is_valid"] for v in verdicts] == [name != at for name in INPUTS]
     (said,) = [v["message"] for v in verdicts if not v["is_valid"]] or [""]
@@ -319,7 +331,8 @@ def test_image_messages_name_the_file_not_the_servers_folder(
     if broken:
         image.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice this: Pillow's bomb error
-    given = [str(image), "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim"]
+    given = [str(image), "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200, "ddim", 1.0, None, None,
+             *UNITS]  # fmt: skip
     verdicts = make_validator()(*given)
     assert [v["message"] for v in verdicts if not v["is_valid"]] == [message]
     with pytest.raises(gr.Error) as raised:
@@ -340,6 +353,7 @@ def test_upload_reaches_read_image_as_the_users_file(tmp_path: Path) -> None:
     (run,) = [fn for fn in page.fns.values() if fn.name == "process"]
     assert run.preprocess is False
     sent = {"path": str(sixteen), "orig_name": "depth.png", "meta": {"_type": "gradio.FileData"}}
-    path, _ = checked_request(True, sent, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200)
+    path, _, second = checked_request(True, sent, "red circle", "", "", 1, 64, 1, False, 1.0, 9.0, 1, 0.0, 100, 200)
+    assert second is None
     assert path == str(sixteen)
     assert np.unique(read_image(path)).tolist() == [round(40000 / 257)]
