@@ -198,7 +198,8 @@ def run_reference_api(ckpt: Path, inputs: dict, steps: int) -> dict:
     return result
 
 
-def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: bool = False) -> dict:
+def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: bool = False,
+                control_end: float = 1.0) -> dict:  # fmt: skip
     import torch
 
     from cldm.control import Control
@@ -213,7 +214,7 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     model = load_model(CONFIG, ckpt, low_memory=path_name == "low-memory")
     result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
     path = use_path(model, "fast" if path_name == "low-memory" else path_name)
-    control = Control(model.control_model, inputs["hint"], cache=path.reuse_hint)
+    control = Control(model.control_model, inputs["hint"], cache=path.reuse_hint, end=control_end)
     denoise = CFGDenoiser(model, inputs["c"], inputs["uc"], SCALE, [control], batch_cfg=path.batch_cfg)
     stamps: list[float] = []
 
@@ -319,7 +320,7 @@ def worker(args: argparse.Namespace) -> int:
     elif args.worker == "reference-api":
         result = run_reference_api(args.ckpt, inputs, args.steps)
     else:
-        result = run_project(args.worker, args.ckpt, inputs, args.steps, args.profile)
+        result = run_project(args.worker, args.ckpt, inputs, args.steps, args.profile, args.control_end)
     image = ((result.pop("image")[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     torch.save({"result": result, "image": image}, args.worker_out)
     return 0
@@ -330,7 +331,8 @@ def run_worker(path: str, args: argparse.Namespace, inputs: Path, tmp: Path) -> 
     ckpt = args.low_memory_ckpt if path == "low-memory" else args.ckpt
     cmd = [sys.executable, "-m", "benchmarks.bench_canny2image", "--worker", path, "--worker-out", str(out),
            "--inputs", str(inputs), "--ckpt", str(ckpt), "--steps", str(args.steps),
-           "--threads", str(args.threads or 0), *(["--profile"] if args.profile else [])]  # fmt: skip
+           "--threads", str(args.threads or 0), "--control-end", str(args.control_end),
+           *(["--profile"] if args.profile else [])]  # fmt: skip
     print(f"running {path} ...", file=sys.stderr)
     proc = subprocess.run(cmd, cwd=REPO)  # -m from the repo root: the packages import without an install
     if proc.returncode != 0:
@@ -414,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                         "sdcpp (stable-diffusion-cpp-python); each skipped, saying so, when not installed")  # fmt: skip
     p.add_argument("--background-load", action="store_true",
                    help="keep one core busy (a one-thread matrix multiply loop) during the runs: a shared machine")
+    p.add_argument("--control-end", type=float, default=1.0,
+                   help="the project paths' ControlNet window end (fraction of the steps; default 1): the steps "
+                        "after it run the UNet alone")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
@@ -467,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         if background is not None:
             background.kill()
     meta = {"resolution": args.resolution, "steps": args.steps, "threads": args.threads or torch.get_num_threads(),
+            "control_end": args.control_end,
             "gemm_gflops": gemm, "gemm_gflops_after": gemm_after, "background_load": args.background_load,
             "ckpt_gb": args.ckpt.stat().st_size / 1e9, "torch": torch.__version__}  # fmt: skip
     if args.presets is not None:
