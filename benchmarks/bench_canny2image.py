@@ -413,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                         "this project and by diffusers (benchmarks/presets.py)")  # fmt: skip
     p.add_argument("--peers", default="",
                    help="with --presets, also run: openvino, openvino-int8 (the openvino and nncf packages), "
-                        "sdcpp (stable-diffusion-cpp-python); each skipped, saying so, when not installed")  # fmt: skip
+                        "sdcpp, sdcpp-q8_0 (stable-diffusion-cpp-python); each skipped, saying so, when not "
+                        "installed")  # fmt: skip
     p.add_argument("--background-load", action="store_true",
                    help="keep one core busy (a one-thread matrix multiply loop) during the runs: a shared machine")
     p.add_argument("--control-end", type=float, default=1.0,

@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "test_imgs" / "astronaut.png"
 SEED = 0
-IMPLEMENTATIONS = ("project", "diffusers", "openvino", "openvino-int8")
+IMPLEMENTATIONS = ("project", "diffusers", "openvino", "openvino-int8", "sdcpp", "sdcpp-q8_0")
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,64 @@ def run_openvino(preset: Preset, config: Path, ckpt: Path, resolution: int, prom
     return result
 
 
+SDCPP_SAMPLERS = {"ddim": "ddim_trailing", "dpmpp_2m": "dpm++2m", "lcm": "lcm"}  # its nearest sample methods
+
+
+def sdcpp_files(ckpt: Path) -> tuple[Path, Path]:
+    """The benchmark weights as stable-diffusion.cpp reads them, written once next to the checkpoint: the SD1.5
+    part (UNet, VAE, CLIP keys) and the ControlNet part (the 1.1 ControlNet-only layout), both safetensors."""
+    import safetensors.torch
+
+    from cldm.checkpoint import load_state_dict
+
+    base, control = ckpt.with_name("sd15_random.safetensors"), ckpt.with_name("controlnet_random.safetensors")
+    if not (base.is_file() and control.is_file()):
+        print(f"writing {base.name} and {control.name} for stable-diffusion.cpp (once) ...", file=sys.stderr)
+        state = {k: v.contiguous() for k, v in load_state_dict(ckpt).items()}
+        parts = {p: {k: v for k, v in state.items() if k.startswith("control_model.") == (p is control)}
+                 for p in (base, control)}  # fmt: skip
+        for path, tensors in parts.items():
+            safetensors.torch.save_file(tensors, str(path))
+    return base, control
+
+
+def run_sdcpp(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt: str, n_prompt: str,
+              wtype: str = "f32") -> dict:  # fmt: skip
+    """The preset in stable-diffusion.cpp (``stable-diffusion-cpp-python``), weights as ``wtype`` (``f32``, ``q8_0``),
+    with its nearest sampler (``SDCPP_SAMPLERS``; DDIM is its ``ddim_trailing``), the same Canny map and settings;
+    its own noise (its RNG), so its image is not comparable pixel for pixel. The LCM preset's LoRA goes through its
+    LoRA folder, TAESD through ``taesd_path`` (the diffusers file, as its docs ask)."""
+    import torch
+    from PIL import Image
+    from stable_diffusion_cpp import StableDiffusion
+
+    from .bench_canny2image import peak_rss_gb
+
+    base, control = sdcpp_files(ckpt)
+    lora, taesd = asset_paths(ckpt)
+    start = time.perf_counter()
+    sd = StableDiffusion(model_path=str(base), control_net_path=str(control), wtype=wtype,
+                         n_threads=torch.get_num_threads(), lora_model_dir=str(lora.parent) if preset.lora else "",
+                         taesd_path=str(taesd / "diffusion_pytorch_model.safetensors") if preset.taesd else "",
+                         vae_decode_only=True, verbose=False)  # fmt: skip
+    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
+    stamps: list[float] = []
+    start = time.perf_counter()
+    edges = canny_map(resolution)
+    height, width = edges.shape[:2]
+    text = f"{prompt}<lora:{lora.stem}:1>" if preset.lora else prompt
+    images = sd.generate_image(text, n_prompt, width=width, height=height, cfg_scale=preset.scale,
+                               sample_method=SDCPP_SAMPLERS[preset.sampler], sample_steps=preset.steps, seed=SEED,
+                               control_image=Image.fromarray(edges), control_strength=1.0,
+                               progress_callback=lambda step, steps, t: steps == preset.steps
+                               and stamps.append(time.perf_counter()))  # its loading and decoding report too  # fmt: skip
+    import numpy as np
+
+    result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps],
+                  image=np.asarray(images[0].convert("RGB")))  # fmt: skip
+    return result
+
+
 def worker(spec: str, args: argparse.Namespace) -> int:
     """``spec`` = ``PRESET:IMPLEMENTATION``: one run in this process, its figures saved to ``args.worker_out``."""
     import torch
@@ -305,7 +363,8 @@ def worker(spec: str, args: argparse.Namespace) -> int:
     if implementation == "project":
         tune_allocator(False)  # as the scripts do
     run = {"project": run_project, "diffusers": run_diffusers, "openvino": run_openvino,
-           "openvino-int8": functools.partial(run_openvino, int8=True)}[implementation]  # fmt: skip
+           "openvino-int8": functools.partial(run_openvino, int8=True), "sdcpp": run_sdcpp,
+           "sdcpp-q8_0": functools.partial(run_sdcpp, wtype="q8_0")}[implementation]  # fmt: skip
     result = run(PRESETS[name], CONFIG, args.ckpt, args.resolution, PROMPT, N_PROMPT)
     result["peak_rss_gb"] = peak_rss_gb()
     torch.save(result, args.worker_out)
@@ -363,12 +422,12 @@ def print_rows(rows: list[dict], meta: dict) -> None:
         print(f"dpmpp / reference (project): {whole['dpmpp'] / whole['reference']:.2f}")
 
 
-PEER_PACKAGES = {"openvino": ("openvino",), "openvino-int8": ("openvino", "nncf"), "sdcpp": ("stable_diffusion_cpp",)}
+PEER_PACKAGES = {"openvino": ("openvino",), "openvino-int8": ("openvino", "nncf"), "sdcpp": ("stable_diffusion_cpp",),
+                 "sdcpp-q8_0": ("stable_diffusion_cpp",)}  # fmt: skip
 
 
 def available_peers(spec: str) -> list[str]:
-    """The peers named in ``spec`` (comma-separated) whose packages import; a line on stderr for each skipped one.
-    ``sdcpp`` has no runner here yet: it is always skipped, saying so."""
+    """The peers named in ``spec`` (comma-separated) whose packages import; a line on stderr for each skipped one."""
     import importlib.util
 
     peers = []
@@ -378,8 +437,6 @@ def available_peers(spec: str) -> list[str]:
         missing = [m for m in PEER_PACKAGES[name] if importlib.util.find_spec(m) is None]
         if missing:
             print(f"skipping {name}: {', '.join(missing)} not installed", file=sys.stderr)
-        elif name == "sdcpp":
-            print("skipping sdcpp: no runner for stable-diffusion.cpp in this benchmark yet", file=sys.stderr)
         else:
             peers.append(name)
     return peers
