@@ -318,6 +318,7 @@ def run_sdcpp(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt:
     with its nearest sampler (``SDCPP_SAMPLERS``; DDIM is its ``ddim_trailing``), the same Canny map and settings;
     its own noise (its RNG), so its image is not comparable pixel for pixel. The LCM preset's LoRA goes through its
     LoRA folder, TAESD through ``taesd_path`` (the diffusers file, as its docs ask)."""
+    import numpy as np
     import torch
     from PIL import Image
     from stable_diffusion_cpp import StableDiffusion
@@ -337,12 +338,15 @@ def run_sdcpp(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt:
     edges = canny_map(resolution)
     height, width = edges.shape[:2]
     text = f"{prompt}<lora:{lora.stem}:1>" if preset.lora else prompt
+
+    def on_progress(step: int, steps: int, seconds: float) -> None:
+        if steps == preset.steps:  # its loading and decoding report progress too
+            stamps.append(time.perf_counter())
+
     images = sd.generate_image(text, n_prompt, width=width, height=height, cfg_scale=preset.scale,
                                sample_method=SDCPP_SAMPLERS[preset.sampler], sample_steps=preset.steps, seed=SEED,
                                control_image=Image.fromarray(edges), control_strength=1.0,
-                               progress_callback=lambda step, steps, t: steps == preset.steps
-                               and stamps.append(time.perf_counter()))  # its loading and decoding report too  # fmt: skip
-    import numpy as np
+                               progress_callback=on_progress)  # fmt: skip
 
     result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps],
                   image=np.asarray(images[0].convert("RGB")))  # fmt: skip
