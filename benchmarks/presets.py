@@ -401,6 +401,9 @@ def summarize(name: str, runs: dict[str, dict]) -> list[dict]:
                      "step_s": statistics.median(steps) if steps else stamps[0], "steps": len(stamps),
                      "load_s": r["load_s"], "load_peak_rss_gb": r["load_peak_rss_gb"],
                      "peak_rss_gb": r["peak_rss_gb"]})  # fmt: skip
+    if "project" in runs:  # the project's time over each other implementation's: below 1, that one is faster
+        for row in rows:
+            row["project_time_ratio"] = runs["project"]["whole_s"] / row["whole_s"]
     if "diffusers" in runs:  # every other implementation against diffusers
         theirs = runs["diffusers"]
         for row, (implementation, r) in zip(rows, runs.items()):
@@ -414,13 +417,14 @@ def print_rows(rows: list[dict], meta: dict) -> None:
     print(f"\ntime to an image at {meta['resolution']}x{meta['resolution']}, {meta['threads']} threads; fp32 GEMM "
           f"{meta['gemm_gflops']:.0f} GFLOP/s before, {meta['gemm_gflops_after']:.0f} after"
           f"{'; one core kept busy' if meta['background_load'] else ''}")  # fmt: skip
-    print(f"{'preset':<10} {'run by':<10} {'steps':>5} {'s/step':>7} {'image s':>8} {'x diffusers':>11} "
-          f"{'max diff':>8} {'peak GB':>7} {'load s':>6}")  # fmt: skip
+    print(f"{'preset':<10} {'run by':<13} {'steps':>5} {'s/step':>7} {'image s':>8} {'x diffusers':>11} "
+          f"{'max diff':>8} {'project/it':>10} {'peak GB':>7} {'load s':>6}")  # fmt: skip
     for r in rows:
         speed = f"{r['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in r else ""
         diff = f"{r['max_diff_vs_diffusers']}/255" if "max_diff_vs_diffusers" in r else ""
-        print(f"{r['preset']:<10} {r['implementation']:<10} {r['steps']:5d} {r['step_s']:7.2f} {r['whole_s']:8.1f} "
-              f"{speed:>11} {diff:>8} {r['peak_rss_gb']:7.2f} {r['load_s']:6.1f}")  # fmt: skip
+        ratio = f"{r['project_time_ratio']:.2f}" if "project_time_ratio" in r else ""
+        print(f"{r['preset']:<10} {r['implementation']:<13} {r['steps']:5d} {r['step_s']:7.2f} {r['whole_s']:8.1f} "
+              f"{speed:>11} {diff:>8} {ratio:>10} {r['peak_rss_gb']:7.2f} {r['load_s']:6.1f}")  # fmt: skip
     whole = {r["preset"]: r["whole_s"] for r in rows if r["implementation"] == "project"}
     if "reference" in whole and "dpmpp" in whole:
         print(f"dpmpp / reference (project): {whole['dpmpp'] / whole['reference']:.2f}")
