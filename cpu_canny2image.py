@@ -166,12 +166,11 @@ def control_units(pipe: Any, params: Any, args: argparse.Namespace, config: Path
 def run(args: argparse.Namespace) -> int:
     from cldm.checkpoint import check_writable_dir
     from cldm.img2img import InitInputError, init_inputs
-    from cldm.inference import path_from_args
-    from cldm.pipeline import Canny2Image, read_image
+    from cldm.pipeline import read_image
     from ldm.device import resolve_device, set_threads
     from ldm.memory import tune_allocator
     from ldm.models.diffusion.sampling import NonFiniteError
-    from share import choose_model
+    from share import choose_model, load_pipeline
 
     try:
         choice = choose_model(args.ckpt, args.config, args.demo, args.base)
@@ -193,10 +192,7 @@ def run(args: argparse.Namespace) -> int:
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
         out_dir = check_writable_dir(args.output_dir)  # before the slow load and sampling
         start = time.perf_counter()
-        pipe = Canny2Image.from_checkpoint(config, ckpt, device, low_memory=args.low_memory,
-                                           path=path_from_args(args), vae_decoder=args.vae_decoder,
-                                           base_ckpt=choice.base, base_ema=args.base_ema,
-                                           loras=args.lora, lora_controlnet=args.lora_controlnet)  # fmt: skip
+        pipe = load_pipeline(choice, args, device)
         print(f"loaded {ckpt} ({config.name}) on {device} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         for fused in pipe.loras:
             print(f"lora: {fused.summary()}", file=sys.stderr)

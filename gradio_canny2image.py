@@ -508,11 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: gradio is not installed; run: pip install -r requirements-gradio.txt", file=sys.stderr)
         return 1
 
-    from cldm.inference import path_from_args
-    from cldm.pipeline import Canny2Image, CannyParams
+    from cldm.pipeline import CannyParams
     from ldm.device import resolve_device, set_threads
     from ldm.memory import tune_allocator
-    from share import DEMO_IMAGE, choose_model, demo_params, describe_demo
+    from share import DEMO_IMAGE, choose_model, demo_params, describe_demo, load_pipeline
 
     try:
         choice = choose_model(args.ckpt, args.config, args.demo, args.base)
@@ -524,11 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             notice = f"**Demo model.** {notice}"
         set_threads(args.threads)
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
-        pipe = Canny2Image.from_checkpoint(choice.config, choice.ckpt, resolve_device(args.device),
-                                          low_memory=args.low_memory, path=path_from_args(args),
-                                          vae_decoder=args.vae_decoder, base_ckpt=choice.base,
-                                          base_ema=args.base_ema,
-                                          loras=args.lora, lora_controlnet=args.lora_controlnet)  # fmt: skip
+        pipe = load_pipeline(choice, args, resolve_device(args.device))
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

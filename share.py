@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cldm.checkpoint import CheckpointError
-from cldm.pipeline import CannyParams
+from cldm.pipeline import Canny2Image, CannyParams
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "models" / "cldm_v15.yaml"
@@ -123,3 +123,15 @@ def choose_model(
         raise ValueError(f"--base {base} is the Stable Diffusion model for a ControlNet: pass the ControlNet file "
                          "with --ckpt (e.g. models/control_v11p_sd15_canny.pth)")  # fmt: skip
     return ModelChoice(Path(config or TINY_CONFIG), demo_checkpoint(), True, missing_checkpoint_message(DEFAULT_CKPT))
+
+
+def load_pipeline(choice: ModelChoice, args: argparse.Namespace, device: object) -> Canny2Image:
+    """The scripts' pipeline: ``choice``'s config, checkpoint and base loaded on ``device`` with the model flags both
+    scripts share (``--low-memory``, the inference path's, ``--vae-decoder``, ``--base-ema``, ``--lora``,
+    ``--lora-controlnet``). Raises as :meth:`Canny2Image.from_checkpoint`."""
+    from cldm.inference import path_from_args
+
+    return Canny2Image.from_checkpoint(choice.config, choice.ckpt, device, low_memory=args.low_memory,
+                                       path=path_from_args(args), vae_decoder=args.vae_decoder, base_ckpt=choice.base,
+                                       base_ema=args.base_ema, loras=args.lora,
+                                       lora_controlnet=args.lora_controlnet)  # fmt: skip
