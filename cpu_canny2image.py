@@ -147,6 +147,23 @@ def settings(args: argparse.Namespace, demo: bool) -> tuple[Any, Path]:
     return params, input_path
 
 
+def read_control_inputs(specs: list) -> list[np.ndarray | None]:
+    """Each ``--control``'s image (``None``: ``--input``'s), after checking that its ControlNet file holds a
+    ControlNet: before any model is loaded. :class:`UsageError` naming the ``--control`` at fault."""
+    from cldm.pipeline import read_image
+    from cldm.units import check_controlnet_file
+
+    images = []
+    for spec in specs:
+        try:
+            if spec.ckpt is not None:
+                check_controlnet_file(spec.ckpt)
+            images.append(read_image(spec.image) if spec.image else None)
+        except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+            raise UsageError(f"--control '{spec.text}': {err}") from None
+    return images
+
+
 def control_units(pipe: Any, params: Any, args: argparse.Namespace, config: Path, images: list) -> list:
     """The run's control units: the shorthand's (``--input`` with ``--annotator``, ``--strength``, ...: the
     ``--ckpt`` model's ControlNet), then one per ``--control`` (``images``: their control images, ``None`` for
@@ -186,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         size = params.output_size(*image.shape[:2], image_name=str(input_path))  # the bound, before loading
         if mask is not None:  # its aspect ratio, before loading the model
             init_inputs(image, init_image, mask, size, f"--init-image {args.init_image}", f"--mask {args.mask}")
-        images = [read_image(spec.image) if spec.image else None for spec in args.control]
+        images = read_control_inputs(args.control)
         device = resolve_device(args.device)
         set_threads(args.threads)
         tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)

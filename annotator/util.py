@@ -52,3 +52,12 @@ def resize_image(input_image: np.ndarray, resolution: int) -> np.ndarray:
     new_h, new_w = resized_shape(height, width, resolution)
     interpolation = cv2.INTER_LANCZOS4 if resolution > min(height, width) else cv2.INTER_AREA
     return cv2.resize(input_image, (new_w, new_h), interpolation=interpolation)
+
+
+def on_black(x: np.ndarray) -> np.ndarray:
+    """An H x W x 4 uint8 image composited over black (``rgb * a``, truncated): transparent means nothing, as for
+    a mask (keep) or a ready-made control map (no signal); every other image is returned as is. ``HWC3``, the
+    reference's, composites over white (paper) instead."""
+    if x.ndim == 3 and x.shape[2] == 4:
+        return (x[:, :, :3].astype(np.float32) * (x[:, :, 3:4].astype(np.float32) / 255.0)).astype(np.uint8)
+    return x

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import torch
 
-from annotator.util import HWC3
+from annotator.util import HWC3, on_black
 from ldm.models.diffusion.sampling import InitLatents
 
 LATENT_FACTOR = 8  # pixels per latent cell along each side
@@ -70,11 +70,12 @@ def init_inputs(
 
     ``init_image`` (uint8 HWC/HW; ``None``: the control's ``input_image``) is composited on white if it has
     alpha and resized to ``size``; ``notify`` is told when that stretches it (another aspect ratio than
-    ``input_image``'s). ``mask`` (uint8 HWC/HW, white = repaint; ``None``: img2img): gray is the channels' mean,
-    resized to ``size``, 128 and above is white, and a latent cell is repainted when any of its 8 x 8 pixels is
-    white; after decoding, the pixels outside the white are the init image's (:meth:`InitInputs.overlay`).
-    :class:`InitInputError` (a ``ValueError``) naming ``init_name`` or ``mask_name`` when one is not an
-    image, or when the mask's aspect ratio is not the init image's (:func:`same_aspect`)."""
+    ``input_image``'s). ``mask`` (uint8 HWC/HW, white = repaint, transparent = keep; ``None``: img2img): gray is
+    the channels' mean, resized to ``size``, 128 and above is white, and a latent cell is repainted when any of
+    its 8 x 8 pixels is white; after decoding, the pixels outside the white are the init image's
+    (:meth:`InitInputs.overlay`). :class:`InitInputError` (a ``ValueError``) naming ``init_name`` or
+    ``mask_name`` when one is not an image, or when the mask's aspect ratio is not the init image's
+    (:func:`same_aspect`)."""
     height, width = size
     source = input_image if init_image is None else _as_image(init_image, init_name)
     if init_image is not None and notify is not None and not same_aspect(source.shape[:2], input_image.shape[:2]):
@@ -87,7 +88,7 @@ def init_inputs(
         raise InitInputError(f"{mask_name}: {mask.shape[1]}x{mask.shape[0]} has another aspect ratio than "
                          f"{init_name if init_image is not None else 'the input image'} "
                          f"({source.shape[1]}x{source.shape[0]})")  # fmt: skip
-    gray = HWC3(mask).astype(np.float32).mean(axis=2)
+    gray = HWC3(on_black(mask)).astype(np.float32).mean(axis=2)  # transparent: keep
     white = _resized(gray, height, width) >= 127.5
     cells = white.reshape(height // LATENT_FACTOR, LATENT_FACTOR, width // LATENT_FACTOR, LATENT_FACTOR)
     return InitInputs(pixels, torch.from_numpy(cells.any(axis=(1, 3)).astype(np.float32))[None, None], ~white)

@@ -23,7 +23,7 @@ from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 from annotator.util import resized_shape
 from cldm.control import Control
 from cldm.guidance import CFGDenoiser
-from cldm.img2img import init_inputs, init_latents
+from cldm.img2img import InitInputs, init_inputs, init_latents
 from cldm.inference import InferencePath, use_path
 from cldm.lora import FusedLora, apply_loras
 from cldm.model import load_model
@@ -246,6 +246,8 @@ def _with_image(path: str | Path, use: Callable[[Image.Image], T]) -> T:
     """``use(image)`` on the file opened with Pillow; each failure (missing, unreadable, over Pillow's
     decompression-bomb limit, or ``use``'s ``ValueError``) a ``ValueError`` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not an image")
     if not path.is_file():
         raise ValueError(f"{path}: input image not found")
     try:
@@ -326,6 +328,16 @@ class Canny2Image:
             notify(f"{said}: the text encoder reads the first {encoder.max_length} (start and end included), "
                    "the rest is ignored")  # fmt: skip
 
+    @staticmethod
+    def _say_idle_inputs(start: InitInputs, params: CannyParams, notify: Callable[[str], None]) -> None:
+        """Tell of an init image or mask that cannot change the result: an init image at denoise 1 without a
+        mask (the run starts from pure noise, as diffusers' img2img at strength 1), a mask without white."""
+        if start.mask is None and params.denoise == 1.0:
+            notify("init image (--init-image): at denoise 1 the run starts from pure noise and the init image has no "
+                   "effect; a denoise below 1 (--denoise) keeps some of it")  # fmt: skip
+        elif start.mask is not None and not bool(start.mask.any()):
+            notify("mask (--mask): no white (repaint) pixels, so the init image is kept as it is")
+
     def sampling_steps(self, ddim_steps: int, sampler: str = "ddim") -> int:
         """Denoiser steps a run of ``ddim_steps`` with ``sampler`` takes (the reference's DDIM schedule visits 31
         for 30; the other samplers take ``ddim_steps``)."""
@@ -379,6 +391,7 @@ class Canny2Image:
         if init_image is not None or mask is not None or params.denoise != 1.0:
             start = init_inputs(input_image, init_image, mask, (height, width), "init_image (--init-image)",
                                 "mask (--mask)", notify)  # fmt: skip
+            self._say_idle_inputs(start, params, notify)
         n = params.num_samples
         seed = random.randint(0, 65535) if params.seed == -1 else params.seed
         seed_everything(seed)
@@ -390,6 +403,10 @@ class Canny2Image:
                                           unit.strength, unit.guess_mode, uncond_hint=params.uncond_hint,
                                           cache=self.path.reuse_hint, start=unit.start, end=unit.end)
                     for unit, hint in zip(units, maps)]  # fmt: skip
+        steps = denoise_steps(self.sampling_steps(params.ddim_steps, params.sampler), params.denoise)
+        idle = [f"control {i}" for i, c in enumerate(controls, 1) if not any(c.active(k, steps) for k in range(steps))]
+        if idle:
+            notify(f"{', '.join(idle)}: the step window holds none of the {steps} steps; that ControlNet is not run")
         denoise = CFGDenoiser(model, cond, uncond, params.scale, controls, batch_cfg=self.path.batch_cfg)
         x_t = torch.randn((n, 4, height // 8, width // 8), device=self.device)
         # euler_a's and lcm's step noise: the seeded CPU stream, continued after the start noise

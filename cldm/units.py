@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from annotator.canny import CannyDetector
-from annotator.util import HWC3, resize_image
-from cldm.checkpoint import UNET_PREFIX
+from annotator.util import HWC3, on_black, resize_image
+from cldm.checkpoint import UNET_PREFIX, CheckpointError, Contents, load_state_dict
 from cldm.inference import InferencePath
 from cldm.model import load_controlnet
 from ldm.modules.attention import set_attention_backend
@@ -69,10 +69,17 @@ class ControlUnit:
                    params.control_end, params.low_threshold, params.high_threshold)  # fmt: skip
 
     def check(self, name: str = "control") -> None:
-        """``ValueError`` "<name>: <problem>" (just the problem for an empty ``name``) for an unknown annotator, a
+        """``ValueError`` "<name>: <problem>" (just the problem for an empty ``name``) for an image that is not an
+        array, a ControlNet that is not a module (e.g. a path), an unknown annotator, a
         strength outside [0, 2], a window outside 0 <= start <= end <= 1, or thresholds outside 1-255 or low above
         high."""
         problems = [
+            (self.image is not None and not isinstance(self.image, np.ndarray),
+             f"image must be an HWC uint8 array (read a file with cldm.pipeline.read_image), got "
+             f"{type(self.image).__name__}"),
+            (self.controlnet is not None and not isinstance(self.controlnet, nn.Module),
+             f"controlnet must be a loaded ControlNet module (Canny2Image.load_controlnet) or None, got "
+             f"{type(self.controlnet).__name__}"),
             (self.annotator not in ANNOTATORS, f"annotator must be one of {', '.join(ANNOTATORS)}, got "
                                                f"{self.annotator!r}"),
             (not 0.0 <= self.strength <= 2.0, f"strength must be between 0 and 2, got {self.strength:g}"),
@@ -125,7 +132,7 @@ def control_maps(
         image = input_image if unit.image is None else unit.image
         if image is None:
             raise ValueError(f"control {i}: no control image")
-        image = HWC3(image)
+        image = HWC3(on_black(image) if unit.annotator == "none" else image)  # a map's transparency: no signal
         img = resize_image(image, image_resolution)
         if maps and img.shape[:2] != maps[0].shape[:2]:
             height, width = maps[0].shape[:2]
@@ -171,6 +178,7 @@ class ControlSpec:
     ckpt: Path | None
     image: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    text: str = ""  # the option as given, for messages
 
     def unit(self, image: np.ndarray | None, controlnet: nn.Module | None) -> ControlUnit:
         """The :class:`ControlUnit` of this spec with its image and ControlNet."""
@@ -194,7 +202,7 @@ def parse_control_spec(text: str) -> ControlSpec:
     head, *parts = [p.strip() for p in text.split(",")]
     if not head or "=" in head:
         raise fail("the ControlNet part (CKPT or main) is missing: it comes first")
-    spec = ControlSpec(None if head == MAIN else Path(head))
+    spec = ControlSpec(None if head == MAIN else Path(head).expanduser(), text=text)  # "~": the shell leaves it
     seen = set()
     for part in parts:
         key, sep, value = (s.strip() for s in part.partition("="))
@@ -208,7 +216,7 @@ def parse_control_spec(text: str) -> ControlSpec:
         elif not value:
             raise fail(f"part '{key}' has no value ({key}=...)")
         elif key == "image":
-            spec.image = Path(value)
+            spec.image = Path(value).expanduser()
         elif key == "annotator":
             spec.settings["annotator"] = value
         else:
@@ -218,11 +226,21 @@ def parse_control_spec(text: str) -> ControlSpec:
             except ValueError:
                 wanted = "a number" if kind is float else "an integer"
                 raise fail(f"part '{key}' needs {wanted}, got '{value}'") from None
+    if seen & {"low", "high"} and spec.settings.get("annotator", "canny") != "canny":
+        raise fail("parts 'low' and 'high' are Canny thresholds: they need annotator=canny")
     try:
         spec.unit(None, None).check("")
     except ValueError as err:
         raise fail(str(err)) from None
     return spec
+
+
+def check_controlnet_file(path: str | os.PathLike) -> None:
+    """Before any model is built: ``path`` exists and holds a ControlNet (``control_model.*`` keys once read as
+    :func:`cldm.checkpoint.load_state_dict` reads it: memory-mapped, no weight data touched). Raises
+    :class:`~cldm.checkpoint.CheckpointError` naming the file otherwise."""
+    if not Contents.of(load_state_dict(path)).control:
+        raise CheckpointError(f"{path}: no ControlNet in it (no control_model.* keys)")
 
 
 class _ControlOption(argparse.Action):

@@ -369,3 +369,26 @@ def test_page_process_inpaints_with_the_uploads(demo: Canny2Image, disc: dict, t
     keep = cv2.resize(disc["mask"], (64, 64), interpolation=cv2.INTER_AREA) < 128
     assert np.array_equal(out[keep], cv2.resize(disc["image"], (64, 64), interpolation=cv2.INTER_AREA)[keep])
     assert not np.array_equal(out[~keep], cv2.resize(disc["image"], (64, 64), interpolation=cv2.INTER_AREA)[~keep])
+
+
+def test_transparent_mask_keeps_what_it_does_not_cover(demo: Canny2Image, disc: dict) -> None:
+    """A mask painted on a transparent layer (white disc, alpha 255; the rest alpha 0) is the same mask as the
+    white disc on black: transparent = keep (it was composited on white, and everything was repainted)."""
+    rgba = np.zeros((*disc["mask"].shape, 4), np.uint8)
+    rgba[disc["mask"] > 0] = 255
+    params = demo_params(prompt="green circle with blue background", seed=1, ddim_steps=4)
+    drawn = demo(disc["image"], params, progress=False, mask=rgba)[0][1]
+    plain = demo(disc["image"], params, progress=False, mask=disc["mask"])[0][1]
+    assert np.array_equal(drawn, plain)
+
+
+def test_inputs_without_effect_are_said(demo: Canny2Image, disc: dict) -> None:
+    """An init image at denoise 1 without a mask (pure noise start) and a mask without white are each said once."""
+    said: list[str] = []
+    params = demo_params(seed=2, ddim_steps=2)
+    demo(disc["image"], params, progress=False, notify=said.append, init_image=disc["init"])
+    demo(disc["image"], params, progress=False, notify=said.append, mask=np.zeros((32, 32), np.uint8))
+    demo(disc["image"], demo_params(seed=2, ddim_steps=2, denoise=0.5), progress=False, notify=said.append,
+         init_image=disc["init"])  # fmt: skip
+    assert len(said) == 2
+    assert "at denoise 1 the run starts from pure noise" in said[0] and "no white" in said[1]

@@ -23,6 +23,7 @@ from cldm.pipeline import Canny2Image, read_image
 from cldm.units import ControlUnit, annotate, control_maps, display_map, parse_control_spec
 from ldm.models.diffusion.sampling import sample
 from ldm.util import seed_everything
+from share import DEMO_CKPT
 from tests.routes import (
     INPUT_IMAGE,
     PARAMS,
@@ -345,3 +346,50 @@ def test_page_second_unit_loads_its_controlnet_once(pipe: Canny2Image, second: t
         assert len(page_images) == 3
         for a, b in zip(page_images, api):
             assert np.array_equal(a, b)
+
+
+def test_none_annotator_reads_transparency_as_black() -> None:
+    """A ready-made map with a transparent background: no signal there (it became white, a full-strength hint)."""
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 16:48] = (200, 100, 50, 255)
+    (hint,) = control_maps([ControlUnit(image=rgba, annotator="none")], None, 64, quiet)
+    assert hint[0, 0].tolist() == [0, 0, 0] and hint[32, 32].tolist() == [200, 100, 50]
+
+
+def test_unit_type_errors_are_named() -> None:
+    for unit, message in ((ControlUnit(image="disc.png"), "image must be an HWC uint8 array"),  # type: ignore[arg-type]
+                          (ControlUnit(controlnet="cn.pth"), "controlnet must be a loaded ControlNet")):  # type: ignore[arg-type]  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            unit.check("control 2")
+
+
+def test_control_spec_expands_home_and_keeps_thresholds_to_canny(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/someone")
+    spec = parse_control_spec("~/cn.pth,image=~/depth.png")
+    assert (spec.ckpt, spec.image) == (Path("/home/someone/cn.pth"), Path("/home/someone/depth.png"))
+    with pytest.raises(ValueError, match="need annotator=canny"):
+        parse_control_spec("main,annotator=none,low=50")
+
+
+def test_cli_control_files_are_checked_before_loading(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A missing, folder or non-ControlNet --control file, and an unreadable --control image, are one line naming the
+    --control, exit 2, before the main model is loaded."""
+    import share
+
+    monkeypatch.setattr(share, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "folder").mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    for spec, message in ((str(tmp_path / "none.pth"), "not found"), (f"main,image={tmp_path / 'folder'}",
+                          "is a folder, not an image"), (str(notes), ""), (str(DEMO_CKPT) + ",image=" + str(notes),
+                          "cannot read image")):  # fmt: skip
+        code, out, err = run_cli(capsys, "--demo", "-o", str(tmp_path / "out"), "--control", spec)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: --control '{spec}': ") and message in err
+
+
+def test_window_without_steps_is_said(pipe: Canny2Image, image: np.ndarray) -> None:
+    said: list[str] = []
+    pipe(image, params(ddim_steps=4), progress=False, notify=said.append, units=[ControlUnit(start=0.5, end=0.6)])
+    assert said == ["control 1: the step window holds none of the 4 steps; that ControlNet is not run"]
