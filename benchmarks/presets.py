@@ -400,7 +400,7 @@ def summarize(name: str, runs: dict[str, dict]) -> list[dict]:
         rows.append({"preset": name, "implementation": implementation, "whole_s": r["whole_s"],
                      "step_s": statistics.median(steps) if steps else stamps[0], "steps": len(stamps),
                      "load_s": r["load_s"], "load_peak_rss_gb": r["load_peak_rss_gb"],
-                     "peak_rss_gb": r["peak_rss_gb"]})  # fmt: skip
+                     "peak_rss_gb": r["peak_rss_gb"], "stamps_s": stamps})  # fmt: skip
     if "project" in runs:  # the project's time over each other implementation's: below 1, that one is faster
         for row in rows:
             row["project_time_ratio"] = runs["project"]["whole_s"] / row["whole_s"]
