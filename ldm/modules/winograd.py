@@ -149,13 +149,12 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def unfold_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for (N, Cin, H, W) ``x`` and (Cout, Cin, 3, 3) ``weight`` as one
-    matrix multiply of the weights (Cout, Cin·9) with the unfolded patches of the whole batch (Cin·9, N·H·W), so
-    the weights are read once per call, not once per image. Returns (N, Cout, H, W), contiguous."""
+    batched matrix multiply of the weights with the unfolded patches (N, Cin·9, H·W). Returns (N, Cout, H, W)."""
     n, _, h, w = x.shape
-    patches = F.unfold(x, 3, padding=1).transpose(0, 1).reshape(-1, n * h * w)  # (Cin·9, N·H·W)
-    flat = weight.reshape(weight.shape[0], -1)
-    out = flat @ patches if bias is None else torch.addmm(bias.view(-1, 1), flat, patches)
-    return out.view(-1, n, h, w).transpose(0, 1).contiguous()
+    patches = F.unfold(x, 3, padding=1)
+    flat = weight.reshape(weight.shape[0], -1).expand(n, -1, -1)
+    out = torch.bmm(flat, patches) if bias is None else torch.baddbmm(bias.view(1, -1, 1), flat, patches)
+    return out.view(n, -1, h, w)
 
 
 def _layout_of_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
