@@ -112,7 +112,7 @@ def test_tools_and_benchmarks_run_as_modules_from_the_repo_root(tmp_path: Path) 
     proc = run([sys.executable, "-m", "benchmarks.bench_canny2image", "--paths", "fast,warp"], REPO)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip() == ("error: --paths: unknown path(s) ['warp'] (choose from fast, reference, diffusers, "
-                                   "low-memory, compiled)")  # fmt: skip
+                                   "low-memory, compiled, reference-api)")  # fmt: skip
 
 
 @pytest.mark.slow
