@@ -270,7 +270,6 @@ def make_process(
 
     from cldm.pipeline import read_image
     from cldm.units import MAIN, ControlUnit
-    from ldm.models.diffusion.sampling import denoise_steps
 
     controlnets = dict(controlnets or {})
     loaded: dict[str, object] = {}
@@ -319,7 +318,7 @@ def make_process(
         except ValueError as err:  # CheckpointError (the second ControlNet's file) included
             paths = (upload_path(input_image), upload_path(init_image), upload_path(mask), upload_path(image2))
             raise gr.Error(shown(str(err), *paths), print_exception=False) from None
-        steps = denoise_steps(pipe.sampling_steps(params.ddim_steps, params.sampler), params.denoise)
+        steps = pipe.steps_run(params)
         desc = f"{params.sampler.upper()} sampling"
         progress((0, steps), desc=desc, unit="steps")
 

@@ -253,11 +253,10 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
 
 def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -> dict:
     import torch
-    from diffusers import DDIMScheduler
     from omegaconf import OmegaConf
 
     from cldm.checkpoint import load_state_dict
-    from tests.diffusers_port import convert_to_diffusers
+    from tests.diffusers_port import convert_to_diffusers, diffusers_scheduler
 
     start = time.perf_counter()
     original = OmegaConf.to_container(OmegaConf.load(CONFIG), resolve=True)
@@ -265,8 +264,7 @@ def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -
     unet, controlnet, vae = (models[k][0] for k in ("unet", "controlnet", "vae"))
     del models
     result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    scheduler = diffusers_scheduler("ddim")  # SD1.5's config: the reference's DDIM grid at 20 steps
     scheduler.set_timesteps(steps)
     context = torch.cat([inputs["uc"], inputs["c"]])
     hint = torch.cat([inputs["hint"], inputs["hint"]])

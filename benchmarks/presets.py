@@ -28,10 +28,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,18 +77,13 @@ def ensure_assets(config: Path, ckpt: Path) -> None:
         print(f"writing the random LoRA {lora} (once) ...", file=sys.stderr)
         write_random_lora(load_model(config, ckpt), lora, rank=64, convs=True)
     if not (taesd / "taesd_decoder.safetensors").is_file():
-        import diffusers
         import safetensors.torch
-        import torch
 
         from ldm.models.taesd import diffusers_to_taesd
+        from tests.diffusers_port import random_autoencoder_tiny
 
         print(f"writing the random TAESD {taesd} (once) ...", file=sys.stderr)
-        torch.manual_seed(0)
-        model = diffusers.AutoencoderTiny().eval()
-        with torch.no_grad():  # torch's default init decodes to a near-constant image
-            for param in model.parameters():
-                param.normal_(0.0, 0.045 if param.dim() > 1 else 0.1)
+        model = random_autoencoder_tiny(0)
         model.save_pretrained(taesd)
         public = {k: v.contiguous() for k, v in diffusers_to_taesd(model.state_dict()).items()}
         safetensors.torch.save_file(public, str(taesd / "taesd_decoder.safetensors"))
@@ -102,81 +99,87 @@ def canny_map(resolution: int) -> Any:
     return HWC3(CannyDetector()(image, 100, 200))
 
 
-def run_project(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt: str, n_prompt: str) -> dict:
-    """One image through ``Canny2Image``: load (with LoRA fusing) timed apart, then the whole call."""
-    import torch
+Stamp = Callable[[], None]
 
-    from cldm.pipeline import Canny2Image, CannyParams, read_image
 
+def timed_run(load: Callable[[], Any], make_image: Callable[[Any, Stamp], np.ndarray]) -> dict:
+    """Time ``load()`` (``load_s``, ``load_peak_rss_gb``) and then ``make_image(loaded, stamp)``, which calls
+    ``stamp()`` after each sampling step and returns the HWC uint8 image (``whole_s``; ``stamps``: seconds from its
+    start)."""
     from .bench_canny2image import peak_rss_gb
 
-    lora, taesd = asset_paths(ckpt)
     start = time.perf_counter()
-    pipe = Canny2Image.from_checkpoint(config, ckpt, torch.device("cpu"), loras=[(lora, 1.0)] if preset.lora else (),
-                                       vae_decoder=f"taesd:{taesd}" if preset.taesd else None)  # fmt: skip
+    loaded = load()
     result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    params = CannyParams(prompt=prompt, a_prompt="", n_prompt=n_prompt, image_resolution=resolution,
-                         ddim_steps=preset.steps, sampler=preset.sampler, scale=preset.scale, seed=SEED)  # fmt: skip
     stamps: list[float] = []
     start = time.perf_counter()
-    images, _ = pipe(read_image(IMAGE), params, progress=False, callback=lambda i: stamps.append(time.perf_counter()))
-    result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps], image=images[1])
+    image = make_image(loaded, lambda: stamps.append(time.perf_counter()))
+    result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps], image=image)
     return result
+
+
+def run_project(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt: str, n_prompt: str) -> dict:
+    """One image through ``Canny2Image``: load (with LoRA fusing) timed apart, then the whole call."""
+    from cldm.pipeline import Canny2Image, CannyParams, read_image
+
+    lora, taesd = asset_paths(ckpt)
+    params = CannyParams(prompt=prompt, a_prompt="", n_prompt=n_prompt, image_resolution=resolution,
+                         ddim_steps=preset.steps, sampler=preset.sampler, scale=preset.scale, seed=SEED)  # fmt: skip
+
+    def load() -> Canny2Image:
+        return Canny2Image.from_checkpoint(config, ckpt, torch.device("cpu"),
+                                           loras=[(lora, 1.0)] if preset.lora else (),
+                                           vae_decoder=f"taesd:{taesd}" if preset.taesd else None)  # fmt: skip
+
+    def make_image(pipe: Canny2Image, stamp: Stamp) -> np.ndarray:
+        return pipe(read_image(IMAGE), params, progress=False, callback=lambda i: stamp())[0][1]
+
+    return timed_run(load, make_image)
 
 
 def run_diffusers(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt: str, n_prompt: str) -> dict:
     """The same image through diffusers' ``StableDiffusionControlNetPipeline``."""
-    import torch
     from PIL import Image
 
-    from .bench_canny2image import peak_rss_gb
+    def make_image(pipe: Any, stamp: Stamp) -> np.ndarray:
+        edges = canny_map(resolution)
+        height, width = edges.shape[:2]
+        latents, generator = start_noise(height, width)
 
-    start = time.perf_counter()
-    pipe = diffusers_pipeline(preset, config, ckpt)
-    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    stamps: list[float] = []
+        def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+            stamp()
+            return kwargs
 
-    def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
-        stamps.append(time.perf_counter())
-        return kwargs
+        with torch.no_grad():
+            out = pipe(prompt, image=Image.fromarray(edges), height=height, width=width,
+                       num_inference_steps=preset.steps, guidance_scale=preset.scale, negative_prompt=n_prompt,
+                       latents=latents, generator=generator, controlnet_conditioning_scale=1.0, output_type="np",
+                       callback_on_step_end=on_step).images  # fmt: skip
+        return (out[0] * 255).round().clip(0, 255).astype("uint8")
 
-    start = time.perf_counter()
-    edges = canny_map(resolution)
-    height, width = edges.shape[:2]
-    latents, generator = start_noise(height, width)
-    with torch.no_grad():
-        out = pipe(prompt, image=Image.fromarray(edges), height=height, width=width,
-                   num_inference_steps=preset.steps, guidance_scale=preset.scale, negative_prompt=n_prompt,
-                   latents=latents, generator=generator, controlnet_conditioning_scale=1.0, output_type="np",
-                   callback_on_step_end=on_step).images  # fmt: skip
-    image = (out[0] * 255).round().clip(0, 255).astype("uint8")
-    result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps], image=image)
-    return result
+    return timed_run(lambda: diffusers_pipeline(preset, config, ckpt), make_image)
 
 
 def diffusers_pipeline(preset: Preset, config: Path, ckpt: Path) -> Any:
     """diffusers' ``StableDiffusionControlNetPipeline`` on the benchmark's weights, as the preset sets it up."""
     import diffusers
-    import transformers
-    from diffusers.loaders import single_file_utils as sfu
     from omegaconf import OmegaConf
 
     from cldm.checkpoint import load_state_dict
     from ldm.modules.encoders.modules import clip_text_config
     from ldm.modules.encoders.tokenizer import load_clip_tokenizer
-    from tests.diffusers_port import convert_to_diffusers, diffusers_scheduler
+    from tests.diffusers_port import convert_text_encoder, convert_to_diffusers, diffusers_scheduler
 
     lora, taesd = asset_paths(ckpt)
     state_dict = load_state_dict(ckpt)
     original = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
     models = convert_to_diffusers(original, state_dict)
-    text = transformers.CLIPTextModel(clip_text_config("openai/clip-vit-large-patch14"))
-    clip = sfu.convert_ldm_clip_checkpoint(state_dict)  # transformers 5 has no text_model level
-    text.load_state_dict({k.removeprefix("text_model."): v for k, v in clip.items()}, strict=True)
-    del state_dict, clip
-    vae = diffusers.AutoencoderTiny.from_pretrained(taesd) if preset.taesd else models["vae"][0]
+    text = convert_text_encoder(state_dict, clip_text_config("openai/clip-vit-large-patch14"))
+    del state_dict
+    vae = (diffusers.AutoencoderTiny.from_pretrained(taesd, local_files_only=True) if preset.taesd  # never the hub
+           else models["vae"][0])  # fmt: skip
     pipe = diffusers.StableDiffusionControlNetPipeline(
-        vae=vae, text_encoder=text.eval(), tokenizer=load_clip_tokenizer(), unet=models["unet"][0],
+        vae=vae, text_encoder=text, tokenizer=load_clip_tokenizer(), unet=models["unet"][0],
         controlnet=models["controlnet"][0], scheduler=diffusers_scheduler(preset.sampler), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
@@ -190,8 +193,6 @@ def diffusers_pipeline(preset: Preset, config: Path, ckpt: Path) -> Any:
 
 def start_noise(height: int, width: int) -> tuple[Any, Any]:
     """(x_T [1, 4, h/8, w/8], the generator of the LCM step noise) as the project's pipeline draws them."""
-    import torch
-
     torch.manual_seed(SEED)
     latents = torch.randn(1, 4, height // 8, width // 8)
     return latents, torch.Generator().set_state(torch.get_rng_state())
@@ -204,7 +205,6 @@ class OpenVINOModels:
 
     def __init__(self, pipe: Any, batch: int, height: int, width: int, int8: bool):
         import openvino as ov
-        import torch
 
         h, w = height // 8, width // 8
         x, t = torch.randn(batch, 4, h, w), torch.tensor(500)
@@ -222,8 +222,6 @@ class OpenVINOModels:
         self.control, self.unet = (core.compile_model(m, "CPU", precision) for m in (control, unet))
 
     def eps(self, x: Any, t: Any, context: Any, hint: Any) -> Any:
-        import torch
-
         args = [a.numpy() for a in (x, t.reshape(()).to(torch.int64), context, hint)]
         residuals = list(self.control(args).values())
         return torch.from_numpy(self.unet([*args[:3], *residuals])[0])
@@ -253,42 +251,39 @@ def run_openvino(preset: Preset, config: Path, ckpt: Path, resolution: int, prom
                  int8: bool = False) -> dict:  # fmt: skip
     """The preset with OpenVINO's ControlNet + UNet (fp32, or int8 weights) in diffusers' scheduler loop; text
     encoding and decoding by diffusers' torch modules."""
-    import torch
-
-    from .bench_canny2image import peak_rss_gb
-
-    start = time.perf_counter()
-    pipe = diffusers_pipeline(preset, config, ckpt)
-    edges = canny_map(resolution)
-    height, width = edges.shape[:2]
     guided = preset.scale > 1.0
-    models = OpenVINOModels(pipe, 2 if guided else 1, height, width, int8)
-    pipe.unet = pipe.controlnet = None  # the torch copies are done with
-    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    stamps: list[float] = []
-    start = time.perf_counter()
-    edges = canny_map(resolution)
-    hint = torch.from_numpy(edges).float().permute(2, 0, 1)[None] / 255.0
-    x, generator = start_noise(height, width)
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(preset.steps)
-    with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guided, n_prompt)
-        context = torch.cat([uncond, cond]) if guided else cond
-        hints = torch.cat([hint] * context.shape[0])
-        x = x * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            xin = scheduler.scale_model_input(torch.cat([x] * context.shape[0]), t)
-            eps = models.eps(xin, t, context, hints)
-            if guided:
-                e_uncond, e_cond = eps.chunk(2)
-                eps = e_uncond + preset.scale * (e_cond - e_uncond)
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
-            stamps.append(time.perf_counter())
-        decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
-    image = ((decoded[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps], image=image)
-    return result
+
+    def load() -> tuple[Any, OpenVINOModels]:
+        pipe = diffusers_pipeline(preset, config, ckpt)
+        height, width = canny_map(resolution).shape[:2]  # the shapes the graphs are traced on
+        models = OpenVINOModels(pipe, 2 if guided else 1, height, width, int8)
+        pipe.unet = pipe.controlnet = None  # the torch copies are done with
+        return pipe, models
+
+    def make_image(loaded: tuple[Any, OpenVINOModels], stamp: Stamp) -> np.ndarray:
+        pipe, models = loaded
+        edges = canny_map(resolution)
+        hint = torch.from_numpy(edges).float().permute(2, 0, 1)[None] / 255.0
+        x, generator = start_noise(*edges.shape[:2])
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(preset.steps)
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, guided, n_prompt)
+            context = torch.cat([uncond, cond]) if guided else cond
+            hints = torch.cat([hint] * context.shape[0])
+            x = x * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                xin = scheduler.scale_model_input(torch.cat([x] * context.shape[0]), t)
+                eps = models.eps(xin, t, context, hints)
+                if guided:
+                    e_uncond, e_cond = eps.chunk(2)
+                    eps = e_uncond + preset.scale * (e_cond - e_uncond)
+                x = scheduler.step(eps, t, x, generator=generator).prev_sample
+                stamp()
+            decoded = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+        return ((decoded[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+    return timed_run(load, make_image)
 
 
 SDCPP_SAMPLERS = {"ddim": "ddim_trailing", "dpmpp_2m": "dpm++2m", "lcm": "lcm"}  # its nearest sample methods
@@ -318,45 +313,39 @@ def run_sdcpp(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt:
     with its nearest sampler (``SDCPP_SAMPLERS``; DDIM is its ``ddim_trailing``), the same Canny map and settings;
     its own noise (its RNG), so its image is not comparable pixel for pixel. The LCM preset's LoRA goes through its
     LoRA folder, TAESD through ``taesd_path`` (the diffusers file, as its docs ask)."""
-    import numpy as np
-    import torch
     from PIL import Image
     from stable_diffusion_cpp import StableDiffusion
 
-    from .bench_canny2image import peak_rss_gb
-
     base, control = sdcpp_files(ckpt)
     lora, taesd = asset_paths(ckpt)
-    start = time.perf_counter()
-    sd = StableDiffusion(model_path=str(base), control_net_path=str(control), wtype=wtype,
-                         n_threads=torch.get_num_threads(), lora_model_dir=str(lora.parent) if preset.lora else "",
-                         taesd_path=str(taesd / "diffusion_pytorch_model.safetensors") if preset.taesd else "",
-                         vae_decode_only=True, verbose=False)  # fmt: skip
-    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
-    stamps: list[float] = []
-    start = time.perf_counter()
-    edges = canny_map(resolution)
-    height, width = edges.shape[:2]
-    text = f"{prompt}<lora:{lora.stem}:1>" if preset.lora else prompt
 
-    def on_progress(step: int, steps: int, seconds: float) -> None:
-        if steps == preset.steps:  # its loading and decoding report progress too
-            stamps.append(time.perf_counter())
+    def load() -> StableDiffusion:
+        return StableDiffusion(model_path=str(base), control_net_path=str(control), wtype=wtype,
+                               n_threads=torch.get_num_threads(),
+                               lora_model_dir=str(lora.parent) if preset.lora else "",
+                               taesd_path=str(taesd / "diffusion_pytorch_model.safetensors") if preset.taesd else "",
+                               vae_decode_only=True, verbose=False)  # fmt: skip
 
-    images = sd.generate_image(text, n_prompt, width=width, height=height, cfg_scale=preset.scale,
-                               sample_method=SDCPP_SAMPLERS[preset.sampler], sample_steps=preset.steps, seed=SEED,
-                               control_image=Image.fromarray(edges), control_strength=1.0,
-                               progress_callback=on_progress)  # fmt: skip
+    def make_image(sd: StableDiffusion, stamp: Stamp) -> np.ndarray:
+        edges = canny_map(resolution)
+        height, width = edges.shape[:2]
 
-    result.update(whole_s=time.perf_counter() - start, stamps=[s - start for s in stamps],
-                  image=np.asarray(images[0].convert("RGB")))  # fmt: skip
-    return result
+        def on_progress(step: int, steps: int, seconds: float) -> None:
+            if steps == preset.steps:  # its loading and decoding report progress too
+                stamp()
+
+        images = sd.generate_image(f"{prompt}<lora:{lora.stem}:1>" if preset.lora else prompt, n_prompt,
+                                   width=width, height=height, cfg_scale=preset.scale,
+                                   sample_method=SDCPP_SAMPLERS[preset.sampler], sample_steps=preset.steps,
+                                   seed=SEED, control_image=Image.fromarray(edges), control_strength=1.0,
+                                   progress_callback=on_progress)  # fmt: skip
+        return np.asarray(images[0].convert("RGB"))
+
+    return timed_run(load, make_image)
 
 
 def worker(spec: str, args: argparse.Namespace) -> int:
     """``spec`` = ``PRESET:IMPLEMENTATION``: one run in this process, its figures saved to ``args.worker_out``."""
-    import torch
-
     from ldm.memory import tune_allocator
 
     from .bench_canny2image import CONFIG, N_PROMPT, PROMPT, peak_rss_gb
@@ -376,8 +365,6 @@ def worker(spec: str, args: argparse.Namespace) -> int:
 
 
 def run_worker(spec: str, args: argparse.Namespace, tmp: Path) -> dict:
-    import torch
-
     out = tmp / f"{spec.replace(':', '_')}.pt"
     cmd = [sys.executable, "-m", "benchmarks.bench_canny2image", "--worker", f"preset:{spec}", "--worker-out",
            str(out), "--ckpt", str(args.ckpt), "--resolution", str(args.resolution),
@@ -391,8 +378,6 @@ def run_worker(spec: str, args: argparse.Namespace, tmp: Path) -> dict:
 def summarize(name: str, runs: dict[str, dict]) -> list[dict]:
     """Rows for one preset: per implementation the median step (between step stamps; the first step also pages
     in the weights), the whole run, load time and peak RSS; the project's speed-up and image difference."""
-    import numpy as np
-
     rows = []
     for implementation, r in runs.items():
         stamps = r["stamps"]

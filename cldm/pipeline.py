@@ -343,6 +343,11 @@ class Canny2Image:
         for 30; the other samplers take ``ddim_steps``)."""
         return sampling_steps(sampler, ddim_steps, self.model.num_timesteps)
 
+    def steps_run(self, params: CannyParams) -> int:
+        """Denoiser steps a run of ``params`` takes: :meth:`sampling_steps`, of which img2img runs the last
+        ``int(n * denoise)`` (``ValueError`` when none run)."""
+        return denoise_steps(self.sampling_steps(params.ddim_steps, params.sampler), params.denoise)
+
     def edges(self, input_image: np.ndarray, params: CannyParams) -> np.ndarray:
         """The single unit's resized HWC uint8 hint map (Canny: white edges on black), as fed to the ControlNet,
         of ``params.output_size`` (``ValueError`` over the size bound)."""
@@ -403,7 +408,7 @@ class Canny2Image:
                                           unit.strength, unit.guess_mode, uncond_hint=params.uncond_hint,
                                           cache=self.path.reuse_hint, start=unit.start, end=unit.end)
                     for unit, hint in zip(units, maps)]  # fmt: skip
-        steps = denoise_steps(self.sampling_steps(params.ddim_steps, params.sampler), params.denoise)
+        steps = self.steps_run(params)
         idle = [f"control {i}" for i, c in enumerate(controls, 1) if not any(c.active(k, steps) for k in range(steps))]
         if idle:
             notify(f"{', '.join(idle)}: the step window holds none of the {steps} steps; that ControlNet is not run")

@@ -98,3 +98,32 @@ def diffusers_scheduler(sampler: str) -> Any:
 
     cls_name, overrides = DIFFUSERS[sampler]
     return getattr(diffusers, cls_name).from_config(SD15_SCHEDULER_CONFIG, **overrides)
+
+
+def convert_text_encoder(state_dict: dict[str, torch.Tensor], config: Any) -> Any:
+    """transformers' ``CLIPTextModel`` of ``config`` (made without touching torch's global random stream) holding the
+    weights diffusers' ``convert_ldm_clip_checkpoint`` gives for ``state_dict`` (reference keys; its transformers-4
+    ``text_model.`` level dropped where the model has none), in eval mode."""
+    import transformers
+    from diffusers.loaders import single_file_utils as sfu
+
+    with torch.random.fork_rng():
+        text = transformers.CLIPTextModel(config)
+    own = text.state_dict()
+    clip = {k if k in own else k.removeprefix("text_model."): v
+            for k, v in sfu.convert_ldm_clip_checkpoint(state_dict).items() if "position_ids" not in k}  # fmt: skip
+    text.load_state_dict(clip, strict=True)
+    return text.eval()
+
+
+def random_autoencoder_tiny(seed: int = 0) -> Any:
+    """diffusers' ``AutoencoderTiny`` from its default config (no hub), every parameter random normal (weights std
+    0.045, biases 0.1: torch's default initialisation decodes to a near-constant image), in eval mode."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderTiny().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.045 if param.dim() > 1 else 0.1)
+    return model

@@ -31,7 +31,7 @@ from cldm.model import build_model, load_model, model_config
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.modules.encoders.modules import clip_text_config
 from tests.conftest import TINY_CONFIG, random_tiny_model
-from tests.diffusers_port import controlnet_config, convert_to_diffusers
+from tests.diffusers_port import controlnet_config, convert_text_encoder, convert_to_diffusers
 from tests.routes import assert_same_image, quiet, route_image
 from tools import convert_checkpoint
 
@@ -73,13 +73,9 @@ def models(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     original = OmegaConf.to_container(OmegaConf.load(TINY_CONFIG), resolve=True)
     with torch.random.fork_rng():
         out = {name: model for name, (model, _) in convert_to_diffusers(original, state_dict).items()}
-        text_config = model_config(TINY_CONFIG).params.cond_stage_config.params.text_config
-        text_encoder = transformers.CLIPTextModel(clip_text_config("openai/clip-vit-large-patch14", text_config))
-    clip = sfu.convert_ldm_clip_checkpoint(state_dict)  # transformers 4 keys (text_model.*)
-    own = text_encoder.state_dict()
-    clip = {k if k in own else k.removeprefix("text_model."): v for k, v in clip.items() if "position_ids" not in k}
-    text_encoder.load_state_dict(clip, strict=True)
-    return {**out, "text_encoder": text_encoder.eval()}
+    text_config = model_config(TINY_CONFIG).params.cond_stage_config.params.text_config
+    text_encoder = convert_text_encoder(state_dict, clip_text_config("openai/clip-vit-large-patch14", text_config))
+    return {**out, "text_encoder": text_encoder}
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +265,7 @@ def test_export_writes_a_folder_diffusers_reads_to_the_same_residuals(
 ) -> None:
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert not [p for p in exported.parent.iterdir() if "partial" in p.name]
-    theirs = diffusers.ControlNetModel.from_pretrained(exported).eval()
+    theirs = diffusers.ControlNetModel.from_pretrained(exported, local_files_only=True).eval()
     assert theirs.config.norm_num_groups == 8 and theirs.config.attention_head_dim == 2
     g = torch.Generator().manual_seed(4)
     x, hint = torch.randn(2, 4, 16, 16, generator=g), torch.rand(2, 3, 128, 128, generator=g)
@@ -291,7 +287,8 @@ def test_export_fp16_variant_and_read_back(whole_file: Path, state_dict: dict, t
     args = [str(whole_file), str(out), "--to", "diffusers", "--dtype", "fp16", "--config", str(TINY_CONFIG)]
     assert convert_checkpoint.main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
-    theirs = diffusers.ControlNetModel.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
+    theirs = diffusers.ControlNetModel.from_pretrained(out, variant="fp16", torch_dtype=torch.float16,
+                                                     local_files_only=True)
     halved = {k: v.half() for k, v in part(state_dict, CONTROL).items()}
     same(theirs.state_dict(), convert(halved, "ldm", "diffusers"))
     same(load_state_dict(out), halved)

@@ -53,21 +53,16 @@ def inputs() -> dict[str, torch.Tensor]:
 
 def diffusers_pipe(base: torch.nn.Module) -> Any:
     """A diffusers StableDiffusionPipeline holding copies of ``base``'s UNet, VAE and text encoder weights."""
-    import transformers
-    from diffusers.loaders import single_file_utils as sfu
-
-    from tests.diffusers_port import convert_to_diffusers
+    from tests.diffusers_port import convert_text_encoder, convert_to_diffusers
 
     state_dict = {k: v.clone() for k, v in base.state_dict().items()}  # diffusers fuses in place
     original = OmegaConf.to_container(OmegaConf.load(TINY_CONFIG), resolve=True)
     with torch.random.fork_rng():
         converted = convert_to_diffusers(original, state_dict)
-        text = transformers.CLIPTextModel(base.cond_stage_model.transformer.text_model.config)
-    clip = sfu.convert_ldm_clip_checkpoint(state_dict)  # transformers 5 has no text_model level
-    text.load_state_dict({k.removeprefix("text_model."): v for k, v in clip.items()}, strict=True)
+    text = convert_text_encoder(state_dict, base.cond_stage_model.transformer.text_model.config)
     scheduler = diffusers.DDIMScheduler(clip_sample=False, steps_offset=1)
     return diffusers.StableDiffusionPipeline(
-        vae=converted["vae"][0], text_encoder=text.eval(), tokenizer=None, unet=converted["unet"][0],
+        vae=converted["vae"][0], text_encoder=text, tokenizer=None, unet=converted["unet"][0],
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
 

@@ -53,8 +53,8 @@ class StubPipe:
     def __init__(self) -> None:
         self.calls: list[tuple[int, ...]] = []
 
-    def sampling_steps(self, ddim_steps: int, sampler: str) -> int:
-        return ddim_steps
+    def steps_run(self, params: object) -> int:
+        return params.ddim_steps  # type: ignore[attr-defined]
 
     def __call__(self, image: np.ndarray, params: object, **kwargs: object) -> tuple[list[np.ndarray], int]:
         self.calls.append(image.shape)

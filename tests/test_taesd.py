@@ -17,6 +17,7 @@ from cldm.checkpoint import CheckpointError
 from cldm.pipeline import Canny2Image, CannyParams, read_image
 from ldm.models.taesd import TAESDDecoder, decoder_from_spec, diffusers_to_taesd, load_taesd_decoder
 from share import DEMO_CKPT, DEMO_IMAGE, TINY_CONFIG
+from tests.diffusers_port import random_autoencoder_tiny
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -35,12 +36,7 @@ PUBLIC_KEYS = (
 def reference() -> torch.nn.Module:
     """diffusers' AutoencoderTiny built from its default config (no hub), all parameters random normal: weights
     std 0.045, biases 0.1 (torch's default initialisation decodes to a near-constant image)."""
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderTiny().eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.045 if param.dim() > 1 else 0.1)
-    return model
+    return random_autoencoder_tiny(0)
 
 
 @pytest.fixture(scope="module")
