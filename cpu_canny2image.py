@@ -185,7 +185,6 @@ def run(args: argparse.Namespace) -> int:
     from cldm.img2img import InitInputError, init_inputs
     from cldm.pipeline import read_image
     from ldm.device import resolve_device, set_threads
-    from ldm.memory import tune_allocator
     from ldm.models.diffusion.sampling import NonFiniteError
     from share import choose_model, load_pipeline
 
@@ -206,7 +205,6 @@ def run(args: argparse.Namespace) -> int:
         images = read_control_inputs(args.control)
         device = resolve_device(args.device)
         set_threads(args.threads)
-        tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
         out_dir = check_writable_dir(args.output_dir)  # before the slow load and sampling
         start = time.perf_counter()
         pipe = load_pipeline(choice, args, device)

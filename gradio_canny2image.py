@@ -509,7 +509,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from cldm.pipeline import CannyParams
     from ldm.device import resolve_device, set_threads
-    from ldm.memory import tune_allocator
     from share import DEMO_IMAGE, choose_model, demo_params, describe_demo, load_pipeline
 
     try:
@@ -521,7 +520,6 @@ def main(argv: list[str] | None = None) -> int:
             print(notice, file=sys.stderr)
             notice = f"**Demo model.** {notice}"
         set_threads(args.threads)
-        tune_allocator(args.low_memory)  # low memory: freed memory returned; else kept for reuse (faster)
         pipe = load_pipeline(choice, args, resolve_device(args.device))
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)

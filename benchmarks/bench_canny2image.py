@@ -211,7 +211,8 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     from ldm.modules.winograd import set_conv_algorithm
 
     start = time.perf_counter()
-    model = load_model(CONFIG, ckpt, low_memory=path_name == "low-memory")
+    # the allocator as load_model sets it (freed memory kept), except for the reference schedule: glibc's default
+    model = load_model(CONFIG, ckpt, low_memory=path_name == "low-memory", tune_allocator=path_name != "reference")
     result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
     path = use_path(model, "fast" if path_name == "low-memory" else path_name)
     control = Control(model.control_model, inputs["hint"], cache=path.reuse_hint, end=control_end)
@@ -306,12 +307,8 @@ def worker(args: argparse.Namespace) -> int:
     """One path in this process; writes its figures (and the decoded image) to ``args.worker_out``."""
     import torch
 
-    from ldm.memory import tune_allocator
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.worker in ("fast", "low-memory", "compiled"):  # as the scripts do; reference and diffusers: glibc's default
-        tune_allocator(args.worker == "low-memory")
     inputs = torch.load(args.inputs, weights_only=True)
     if args.worker == "diffusers":
         result = run_diffusers(args.ckpt, inputs, args.steps, args.profile)

@@ -346,15 +346,11 @@ def run_sdcpp(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt:
 
 def worker(spec: str, args: argparse.Namespace) -> int:
     """``spec`` = ``PRESET:IMPLEMENTATION``: one run in this process, its figures saved to ``args.worker_out``."""
-    from ldm.memory import tune_allocator
-
     from .bench_canny2image import CONFIG, N_PROMPT, PROMPT, peak_rss_gb
 
     name, implementation = spec.split(":")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if implementation == "project":
-        tune_allocator(False)  # as the scripts do
     run = {"project": run_project, "diffusers": run_diffusers, "openvino": run_openvino,
            "openvino-int8": functools.partial(run_openvino, int8=True), "sdcpp": run_sdcpp,
            "sdcpp-q8_0": functools.partial(run_sdcpp, wtype="q8_0")}[implementation]  # fmt: skip

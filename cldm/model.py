@@ -36,6 +36,7 @@ from cldm.checkpoint import (
     model_family,
 )
 from cldm.checkpoint import load_state_dict as load_state_dict  # the reference API: from cldm.model import ...
+from ldm import memory
 from ldm.memory import LOW_MEMORY_DTYPE, cast_releasing, compute_in_float32
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import ConfigError, check_config, instantiate_from_config
@@ -100,11 +101,18 @@ def build_model(config: Any, config_path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{config_path}: model: cannot build {config.target}: {first}") from err
 
 
-def create_model(config_path: str | os.PathLike, base: bool = False) -> nn.Module:
+def create_model(config_path: str | os.PathLike, base: bool = False, tune_allocator: bool = True) -> nn.Module:
     """Build the model of a yaml config with freshly initialised weights, on the CPU (reference API);
-    ``base``: the config's base model without the ControlNet. Raises
-    :class:`~cldm.checkpoint.CheckpointError` naming the file and the field for a config that cannot be built."""
-    return build_model(model_config(config_path, base), config_path).cpu()
+    ``base``: the config's base model without the ControlNet. ``tune_allocator``: have glibc keep freed memory
+    for reuse (:func:`ldm.memory.tune_allocator`, process-wide, as :func:`load_model` does): a step allocates
+    blocks of 32 MiB and more, which glibc's default maps afresh and the kernel zeroes page by page (14-24%
+    slower sampling, 2x slower decoding at 512 px; docs/performance.md); False leaves the process's setting alone.
+    Raises :class:`~cldm.checkpoint.CheckpointError` naming the file and the field for a config that cannot be
+    built."""
+    config = model_config(config_path, base)
+    if tune_allocator:
+        memory.tune_allocator(low_memory=False)
+    return build_model(config, config_path).cpu()
 
 
 def _materialize_nonpersistent(model: nn.Module) -> None:
@@ -322,11 +330,14 @@ def load_model(
     base_ckpt: str | os.PathLike | None = None,
     base_ema: bool = False,
     notify: Callable[[str], None] | None = None,
+    tune_allocator: bool = True,
 ) -> nn.Module:
     """Build the config's model (``base``: its base model without the ControlNet) and load ``ckpt_path`` (with a
     Stable Diffusion ``base_ckpt`` for a ControlNet-only file, or to replace a whole file's UNet, VAE and text
     encoder; ``base_ema``: the base's EMA UNet weights; see :func:`compose_state_dict`, which ``notify`` about
-    the base) into it without a second copy of the weights.
+    the base) into it without a second copy of the weights. ``tune_allocator``: set glibc's allocator for this
+    mode (:func:`ldm.memory.tune_allocator`, process-wide: freed memory kept for reuse, or with ``low_memory``
+    given back to the OS at once); False leaves the process's setting alone.
 
     The model is created on the meta device, the checkpoints are memory-mapped and their tensors become
     the parameters (cast to float32, tensor by tensor, where a file holds another precision). With ``low_memory``
@@ -344,6 +355,8 @@ def load_model(
         raise ValueError("--base-ema chooses the EMA UNet of a --base model: give --base too (without one, the "
                          "checkpoint's own UNet is used)")  # fmt: skip
     config = model_config(config_path, base)
+    if tune_allocator:
+        memory.tune_allocator(low_memory)
     for path in (ckpt_path, base_ckpt):  # a diffusers folder's config.json vs the yaml (nothing for a file)
         if path is not None:
             check_folder_config(path, config, str(config_path))

@@ -151,9 +151,15 @@ def test_return_freed_memory_gives_freed_blocks_back() -> None:
 REALLOCATING = """
 import resource, sys
 import torch
+from cldm.model import create_model, load_model
 from ldm.memory import keep_freed_memory
-if sys.argv[1] == "on" and not keep_freed_memory():
+mode = sys.argv[1]
+if mode == "on" and not keep_freed_memory():
     sys.exit(3)
+if mode.startswith("create"):  # the reference API: tuned unless told not to
+    create_model(sys.argv[2], tune_allocator=mode == "create")
+if mode.startswith("load"):
+    load_model(sys.argv[2], sys.argv[3], tune_allocator=mode == "load")
 x = torch.ones(2**22)
 def layer():  # activations of 16-64 MiB made and freed, as a step's layers do
     a = torch.cat([x, x])
@@ -170,12 +176,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
-def test_keep_freed_memory_reuses_large_blocks() -> None:
+def test_keep_freed_memory_reuses_large_blocks(tiny_ckpt: Path) -> None:
     """By default every freed block of 32 MiB or more is unmapped and its successor faults in fresh pages (5 rounds
-    of a layer: ~180k faults here); kept, the heap's blocks are reused (0-33k faults: a few blocks do not fit)."""
+    of a layer: ~180k faults here); kept, the heap's blocks are reused (0-33k faults: a few blocks do not fit).
+    ``create_model`` (the reference API) and ``load_model`` keep them too, unless told not to touch the allocator."""
 
     def faults(mode: str) -> int:
-        proc = subprocess.run([sys.executable, "-c", REALLOCATING, mode], cwd=REPO, capture_output=True, text=True)
+        cmd = [sys.executable, "-c", REALLOCATING, mode, str(TINY_CONFIG), str(tiny_ckpt)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode == 3:
             pytest.skip("the C library is not glibc")
         assert proc.returncode == 0, proc.stderr
@@ -183,4 +191,7 @@ def test_keep_freed_memory_reuses_large_blocks() -> None:
 
     default = faults("off")
     assert default >= 5 * 16384  # at least the 64 MiB block, fresh in every round
-    assert faults("on") <= default / 3
+    for tuned in ("on", "create", "load"):
+        assert faults(tuned) <= default / 3, tuned
+    for untouched in ("create-untuned", "load-untuned"):
+        assert faults(untouched) >= 5 * 16384, untouched
