@@ -402,7 +402,8 @@ class Canny2Image:
         seed_everything(seed)
         model = self.model
         cond = model.get_learned_conditioning([params.full_prompt()] * n)
-        uncond = model.get_learned_conditioning([params.n_prompt] * n)
+        # guidance 1 mixes nothing: no unconditional pass, so no negative prompt to encode (as diffusers)
+        uncond = model.get_learned_conditioning([params.n_prompt] * n) if params.scale != 1.0 else None
         self._done_with(model.cond_stage_model)
         controls = [Control.from_strength(unit.controlnet or model.control_model, hint_tensor(hint, n, self.device),
                                           unit.strength, unit.guess_mode, uncond_hint=params.uncond_hint,

@@ -163,23 +163,31 @@ def test_eta_is_ddim_only_in_the_api() -> None:
 
 def test_guidance_1_is_one_pass_per_step(tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """At guidance 1 the pipeline calls the model once per step on the batch's own rows (no unconditional
-    pass); at guidance 9 once per step on both halves (batched). (Every sampler calls the denoiser once per
-    step: ``test_sampler_equals_diffusers_scheduler``.)"""
+    pass) and encodes no negative prompt; at guidance 9 once per step on both halves (batched), after encoding
+    both prompts. (Every sampler calls the denoiser once per step: ``test_sampler_equals_diffusers_scheduler``.)"""
     calls: list[int] = []
-    real = tiny_model.apply_model
+    texts: list[list[str]] = []
+    real, real_text = tiny_model.apply_model, tiny_model.get_learned_conditioning
 
     def counting(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         calls.append(x.shape[0])
         return real(x, *args, **kwargs)
 
+    def encoding(prompts: list[str]) -> torch.Tensor:
+        texts.append(prompts)
+        return real_text(prompts)
+
     monkeypatch.setattr(tiny_model, "apply_model", counting)
+    monkeypatch.setattr(tiny_model, "get_learned_conditioning", encoding)
     pipe = Canny2Image(tiny_model, torch.device("cpu"))
     image = read_image(DEMO_IMAGE)
-    for scale, rows in ((1.0, 1), (9.0, 2)):
+    for scale, rows, encoded in ((1.0, 1, 1), (9.0, 2, 2)):
         calls.clear()
-        pipe(image, CannyParams(prompt="a", image_resolution=64, ddim_steps=4, scale=scale, seed=3, sampler="lcm"),
-             progress=False)  # fmt: skip
+        texts.clear()
+        params = CannyParams(prompt="a", image_resolution=64, ddim_steps=4, scale=scale, seed=3, sampler="lcm")
+        pipe(image, params, progress=False)
         assert calls == [rows] * 4
+        assert texts == [[params.full_prompt()], [params.n_prompt]][:encoded]
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)
