@@ -331,7 +331,8 @@ def run_sdcpp(preset: Preset, config: Path, ckpt: Path, resolution: int, prompt:
         height, width = edges.shape[:2]
 
         def on_progress(step: int, steps: int, seconds: float) -> None:
-            if steps == preset.steps:  # its loading and decoding report progress too
+            # its loading and decoding report progress too, and sampling reports step 0 before the first step
+            if steps == preset.steps and step > 0:
                 stamp()
 
         images = sd.generate_image(f"{prompt}<lora:{lora.stem}:1>" if preset.lora else prompt, n_prompt,
