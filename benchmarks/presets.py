@@ -184,7 +184,7 @@ def diffusers_pipeline(preset: Preset, config: Path, ckpt: Path) -> Any:
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     if preset.lora:
-        pipe.load_lora_weights(str(lora))
+        pipe.load_lora_weights(str(lora), local_files_only=True)  # a missing file never becomes a hub name
         pipe.fuse_lora(lora_scale=1.0)
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     pipe.set_progress_bar_config(disable=True)

@@ -105,8 +105,8 @@ def create_model(config_path: str | os.PathLike, base: bool = False, tune_alloca
     """Build the model of a yaml config with freshly initialised weights, on the CPU (reference API);
     ``base``: the config's base model without the ControlNet. ``tune_allocator``: have glibc keep freed memory
     for reuse (:func:`ldm.memory.tune_allocator`, process-wide, as :func:`load_model` does): a step allocates
-    blocks of 32 MiB and more, which glibc's default maps afresh and the kernel zeroes page by page (14-24%
-    slower sampling, 2x slower decoding at 512 px; docs/performance.md); False leaves the process's setting alone.
+    blocks of 32 MiB and more, which glibc's default maps afresh and the kernel zeroes page by page (slower
+    sampling and decoding; docs/performance.md); False leaves the process's setting alone.
     Raises :class:`~cldm.checkpoint.CheckpointError` naming the file and the field for a config that cannot be
     built."""
     config = model_config(config_path, base)
