@@ -10,10 +10,11 @@ reference's behaviour: plain attention, hint re-encoded every step, separate CFG
 diffusers' utilities; skipped when diffusers is missing). Each path runs in its own process so its
 load time and peak RSS are its own. Prints a table and writes it as JSON.
 
-Columns: ``s/step`` the median CFG step, ``1st s`` the first one, ``decode s`` the VAE decode, ``image s`` all
-steps and the decode; ``TFLOP/st`` the FLOPs one step executes (``torch.utils.flop_counter``), ``GFLOP/s`` and
-``of GEMM`` those per second and as a fraction of the machine's fp32 GEMM rate; ``eff GF/s`` the FLOPs the same
-step has with direct convolutions, per second (the fast path's Winograd convolutions execute fewer).
+Columns: ``s/step`` the median step (a CFG step, both passes; with ``--scale 1`` one pass, as the ``lcm``
+preset), ``1st s`` the first one, ``decode s`` the VAE decode, ``image s`` all steps and the decode;
+``TFLOP/st`` the FLOPs one step executes (``torch.utils.flop_counter``), ``GFLOP/s`` and ``of GEMM`` those per
+second and as a fraction of the machine's fp32 GEMM rate; ``eff GF/s`` the FLOPs the same step has with direct
+convolutions, per second (the fast path's Winograd convolutions execute fewer).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "models" / "cldm_v15.yaml"
 DEFAULT_CKPT = Path(tempfile.gettempdir()) / "controlnet_bench" / "control_sd15_random.pth"
 PROMPT, N_PROMPT = "an astronaut, best quality, extremely detailed", "lowres, bad anatomy, worst quality"
-SCALE = 9.0
+SCALE = 9.0  # the reference demo's guidance scale, the per-step mode's default
 PATHS = ("fast", "reference", "diffusers", "low-memory", "compiled", "reference-api")
 
 
@@ -163,7 +164,7 @@ def kernel_breakdown(step: Any) -> list[dict]:
     return rows
 
 
-def run_reference_api(ckpt: Path, inputs: dict, steps: int) -> dict:
+def run_reference_api(ckpt: Path, inputs: dict, steps: int, scale: float = SCALE) -> dict:
     """The README's reference-API script: ``create_model`` + ``load_state_dict`` + ``DDIMSampler(model).sample`` with
     the reference's ``c_concat``/``c_crossattn`` dicts and ``model.control_scales``, then ``decode_first_stage``."""
     import torch
@@ -183,7 +184,7 @@ def run_reference_api(ckpt: Path, inputs: dict, steps: int) -> dict:
     start = time.perf_counter()
     with torch.no_grad():
         samples, _ = DDIMSampler(model).sample(steps, 1, (4, h, w), cond, verbose=False, eta=0.0,
-                                               x_T=inputs["x_T"].clone(), unconditional_guidance_scale=SCALE,
+                                               x_T=inputs["x_T"].clone(), unconditional_guidance_scale=scale,
                                                unconditional_conditioning=uncond, progress=False,
                                                callback=lambda i: stamps.append(time.perf_counter()))  # fmt: skip
         decode_start = time.perf_counter()
@@ -192,14 +193,14 @@ def run_reference_api(ckpt: Path, inputs: dict, steps: int) -> dict:
                "peak_rss_gb": peak_rss_gb(), "step_s": _step_times(start, stamps)}  # fmt: skip
     with torch.no_grad():
         result["flops_per_step"] = count_flops(lambda: DDIMSampler(model).sample(
-            1, 1, (4, h, w), cond, verbose=False, x_T=inputs["x_T"].clone(), unconditional_guidance_scale=SCALE,
+            1, 1, (4, h, w), cond, verbose=False, x_T=inputs["x_T"].clone(), unconditional_guidance_scale=scale,
             unconditional_conditioning=uncond, progress=False))  # fmt: skip
     result["image"] = image
     return result
 
 
 def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: bool = False,
-                control_end: float = 1.0) -> dict:  # fmt: skip
+                control_end: float = 1.0, scale: float = SCALE) -> dict:  # fmt: skip
     import torch
 
     from cldm.control import Control
@@ -216,7 +217,7 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
     path = use_path(model, "fast" if path_name == "low-memory" else path_name)
     control = Control(model.control_model, inputs["hint"], cache=path.reuse_hint, end=control_end)
-    denoise = CFGDenoiser(model, inputs["c"], inputs["uc"], SCALE, [control], batch_cfg=path.batch_cfg)
+    denoise = CFGDenoiser(model, inputs["c"], inputs["uc"], scale, [control], batch_cfg=path.batch_cfg)  # 1: one pass
     stamps: list[float] = []
 
     def sample(n: int) -> torch.Tensor:
@@ -252,7 +253,7 @@ def run_project(path_name: str, ckpt: Path, inputs: dict, steps: int, profile: b
     return result
 
 
-def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -> dict:
+def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False, scale: float = SCALE) -> dict:
     import torch
     from omegaconf import OmegaConf
 
@@ -267,16 +268,19 @@ def run_diffusers(ckpt: Path, inputs: dict, steps: int, profile: bool = False) -
     result = {"load_s": time.perf_counter() - start, "load_peak_rss_gb": peak_rss_gb()}
     scheduler = diffusers_scheduler("ddim")  # SD1.5's config: the reference's DDIM grid at 20 steps
     scheduler.set_timesteps(steps)
-    context = torch.cat([inputs["uc"], inputs["c"]])
-    hint = torch.cat([inputs["hint"], inputs["hint"]])
+    guided = scale != 1.0  # guidance 1: the conditional pass alone (as diffusers' pipeline)
+    context = torch.cat([inputs["uc"], inputs["c"]]) if guided else inputs["c"]
+    hint = torch.cat([inputs["hint"], inputs["hint"]]) if guided else inputs["hint"]
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        xx = torch.cat([x, x])
+        xx = torch.cat([x, x]) if guided else x
         down, mid = controlnet(xx, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
         out = unet(xx, t, encoder_hidden_states=context, down_block_additional_residuals=down,
                    mid_block_additional_residual=mid).sample  # fmt: skip
+        if not guided:
+            return out
         e_uncond, e_cond = out.chunk(2)
-        return e_uncond + SCALE * (e_cond - e_uncond)
+        return e_uncond + scale * (e_cond - e_uncond)
 
     x = inputs["x_T"].clone()
     stamps: list[float] = []
@@ -311,11 +315,11 @@ def worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     inputs = torch.load(args.inputs, weights_only=True)
     if args.worker == "diffusers":
-        result = run_diffusers(args.ckpt, inputs, args.steps, args.profile)
+        result = run_diffusers(args.ckpt, inputs, args.steps, args.profile, args.scale)
     elif args.worker == "reference-api":
-        result = run_reference_api(args.ckpt, inputs, args.steps)
+        result = run_reference_api(args.ckpt, inputs, args.steps, args.scale)
     else:
-        result = run_project(args.worker, args.ckpt, inputs, args.steps, args.profile, args.control_end)
+        result = run_project(args.worker, args.ckpt, inputs, args.steps, args.profile, args.control_end, args.scale)
     image = ((result.pop("image")[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     torch.save({"result": result, "image": image}, args.worker_out)
     return 0
@@ -326,7 +330,7 @@ def run_worker(path: str, args: argparse.Namespace, inputs: Path, tmp: Path) -> 
     ckpt = args.low_memory_ckpt if path == "low-memory" else args.ckpt
     cmd = [sys.executable, "-m", "benchmarks.bench_canny2image", "--worker", path, "--worker-out", str(out),
            "--inputs", str(inputs), "--ckpt", str(ckpt), "--steps", str(args.steps),
-           "--threads", str(args.threads or 0), "--control-end", str(args.control_end),
+           "--threads", str(args.threads or 0), "--control-end", str(args.control_end), "--scale", str(args.scale),
            *(["--profile"] if args.profile else [])]  # fmt: skip
     print(f"running {path} ...", file=sys.stderr)
     proc = subprocess.run(cmd, cwd=REPO)  # -m from the repo root: the packages import without an install
@@ -358,7 +362,8 @@ def summarize(name: str, data: dict, gemm: float, base_image: Any) -> dict:
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
-    print(f"\n{meta['resolution']}x{meta['resolution']}, {meta['steps']} DDIM steps, CFG {SCALE}, "
+    guidance = f"CFG {meta['scale']:g}" if meta["scale"] != 1.0 else "guidance 1 (one pass a step)"
+    print(f"\n{meta['resolution']}x{meta['resolution']}, {meta['steps']} DDIM steps, {guidance}, "
           f"{meta['threads']} threads; fp32 GEMM {meta['gemm_gflops']:.0f} GFLOP/s before, "
           f"{meta['gemm_gflops_after']:.0f} after{'; one core kept busy' if meta['background_load'] else ''}; "
           f"checkpoint {meta['ckpt_gb']:.2f} GB")  # fmt: skip
@@ -379,11 +384,11 @@ def print_table(rows: list[dict], meta: dict) -> None:
 
 
 def print_kernels(rows: list[dict]) -> None:
-    """One profiled CFG step per path, by kernel (``--profile``)."""
+    """One profiled step per path, by kernel (``--profile``)."""
     for row in rows:
         if "kernels" not in row:
             continue
-        print(f"\n{row['path']}: one CFG step by kernel (profiled, so a little slower than the table)")
+        print(f"\n{row['path']}: one step by kernel (profiled, so a little slower than the table)")
         print(f"{'kernel':<46} {'calls':>5} {'s':>6} {'share':>6} {'TFLOP':>6} {'GFLOP/s':>7} {'of GEMM':>7}")
         for k in row["kernels"]:
             rate = f"{k['gflops']:7.1f} {k['gemm_fraction']:7.0%}" if k["tflop"] > 0 else ""
@@ -402,10 +407,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="bfloat16 copy of --ckpt for the low-memory path (default: made next to it)")
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="random full-size checkpoint (made if missing)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results.json", help="where to write the table")
-    p.add_argument("--profile", action="store_true", help="also profile one CFG step per path, by kernel")
+    p.add_argument("--profile", action="store_true", help="also profile one step per path, by kernel")
+    p.add_argument("--scale", type=float, default=SCALE,
+                   help=f"guidance scale of the per-step mode (default {SCALE:g}, the reference demo's: a CFG step, "
+                        "two passes; 1: one pass a step, the lcm preset's regime)")  # fmt: skip
     p.add_argument("--presets", default=None,
                    help="time to an image instead: comma-separated presets from reference, dpmpp, lcm, each run by "
                         "this project and by diffusers (benchmarks/presets.py)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=1,
+                   help="with --presets: rounds of runs, alternating the order; each row is the median run (default 1)")
     p.add_argument("--peers", default="",
                    help="with --presets, also run: openvino, openvino-int8 (the openvino and nncf packages), "
                         "sdcpp, sdcpp-q8_0 (stable-diffusion-cpp-python); each skipped, saying so, when not "
@@ -423,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.worker.startswith("preset:"):
             return presets.worker(args.worker.removeprefix("preset:"), args)
         return worker(args)
+    if args.repeats < 1 or (args.repeats > 1 and args.presets is None):
+        print(f"error: --repeats: at least 1, and above 1 only with --presets; got {args.repeats}", file=sys.stderr)
+        return 1
+    if args.scale != SCALE and args.presets is not None:
+        print("error: --scale sets the per-step mode's guidance; each of --presets has its own", file=sys.stderr)
+        return 1
     if args.presets is not None:
         names = [x.strip() for x in args.presets.split(",") if x.strip()]
         if not names or set(names) - set(presets.PRESETS):
@@ -468,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         if background is not None:
             background.kill()
     meta = {"resolution": args.resolution, "steps": args.steps, "threads": args.threads or torch.get_num_threads(),
-            "control_end": args.control_end,
+            "control_end": args.control_end, "scale": args.scale, "repeats": args.repeats,
             "gemm_gflops": gemm, "gemm_gflops_after": gemm_after, "background_load": args.background_load,
             "ckpt_gb": args.ckpt.stat().st_size / 1e9, "torch": torch.__version__}  # fmt: skip
     if args.presets is not None:

@@ -382,7 +382,8 @@ def summarize(name: str, runs: dict[str, dict]) -> list[dict]:
         rows.append({"preset": name, "implementation": implementation, "whole_s": r["whole_s"],
                      "step_s": statistics.median(steps) if steps else stamps[0], "steps": len(stamps),
                      "load_s": r["load_s"], "load_peak_rss_gb": r["load_peak_rss_gb"],
-                     "peak_rss_gb": r["peak_rss_gb"], "stamps_s": stamps})  # fmt: skip
+                     "peak_rss_gb": r["peak_rss_gb"], "stamps_s": stamps,
+                     "whole_s_runs": r.get("whole_s_runs", [r["whole_s"]])})  # fmt: skip
     if "project" in runs:  # the project's time over each other implementation's: below 1, that one is faster
         for row in rows:
             row["project_time_ratio"] = runs["project"]["whole_s"] / row["whole_s"]
@@ -398,15 +399,17 @@ def summarize(name: str, runs: dict[str, dict]) -> list[dict]:
 def print_rows(rows: list[dict], meta: dict) -> None:
     print(f"\ntime to an image at {meta['resolution']}x{meta['resolution']}, {meta['threads']} threads; fp32 GEMM "
           f"{meta['gemm_gflops']:.0f} GFLOP/s before, {meta['gemm_gflops_after']:.0f} after"
-          f"{'; one core kept busy' if meta['background_load'] else ''}")  # fmt: skip
+          f"{'; one core kept busy' if meta['background_load'] else ''}"
+          f"{f'; each row the median of {n} runs' if (n := meta.get('repeats', 1)) > 1 else ''}")  # fmt: skip
     print(f"{'preset':<10} {'run by':<13} {'steps':>5} {'s/step':>7} {'image s':>8} {'x diffusers':>11} "
-          f"{'max diff':>8} {'project/it':>10} {'peak GB':>7} {'load s':>6}")  # fmt: skip
+          f"{'max diff':>8} {'project/it':>10} {'peak GB':>7} {'load s':>6}  runs s")  # fmt: skip
     for r in rows:
         speed = f"{r['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in r else ""
         diff = f"{r['max_diff_vs_diffusers']}/255" if "max_diff_vs_diffusers" in r else ""
         ratio = f"{r['project_time_ratio']:.2f}" if "project_time_ratio" in r else ""
+        each = " ".join(f"{t:.1f}" for t in r["whole_s_runs"]) if len(r["whole_s_runs"]) > 1 else ""
         print(f"{r['preset']:<10} {r['implementation']:<13} {r['steps']:5d} {r['step_s']:7.2f} {r['whole_s']:8.1f} "
-              f"{speed:>11} {diff:>8} {ratio:>10} {r['peak_rss_gb']:7.2f} {r['load_s']:6.1f}")  # fmt: skip
+              f"{speed:>11} {diff:>8} {ratio:>10} {r['peak_rss_gb']:7.2f} {r['load_s']:6.1f}  {each}")  # fmt: skip
     whole = {r["preset"]: r["whole_s"] for r in rows if r["implementation"] == "project"}
     if "reference" in whole and "dpmpp" in whole:
         print(f"dpmpp / reference (project): {whole['dpmpp'] / whole['reference']:.2f}")
@@ -433,12 +436,24 @@ def available_peers(spec: str) -> list[str]:
 
 
 def run_presets(names: list[str], implementations: list[str], args: argparse.Namespace, tmp: Path) -> list[dict]:
-    """Every preset in ``names`` by every implementation, alternating, each in its own process."""
+    """Every preset in ``names`` by every implementation, each run in its own process, ``args.repeats`` rounds
+    alternating the order (so a drift in the machine's speed falls on both sides); per implementation the run
+    of median whole time is summarized, with every run's whole time beside it."""
     from .bench_canny2image import CONFIG
 
     ensure_assets(CONFIG, args.ckpt)
     rows = []
     for name in names:
-        runs = {impl: run_worker(f"{name}:{impl}", args, tmp) for impl in implementations}
-        rows += summarize(name, runs)
+        tries: dict[str, list[dict]] = {impl: [] for impl in implementations}
+        for round_ in range(args.repeats):
+            for impl in implementations if round_ % 2 == 0 else implementations[::-1]:
+                tries[impl].append(run_worker(f"{name}:{impl}", args, tmp))
+        rows += summarize(name, {impl: median_run(runs) for impl, runs in tries.items()})
     return rows
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median ``whole_s`` (the lower of the middle two for an even count), with ``whole_s_runs``: every
+    run's whole time in the order run."""
+    ranked = sorted(runs, key=lambda r: r["whole_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "whole_s_runs": [r["whole_s"] for r in runs]}

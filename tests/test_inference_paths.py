@@ -181,8 +181,9 @@ def test_benchmark_summary_rates_and_table(capsys: pytest.CaptureFixture) -> Non
     assert row["gflops"] == pytest.approx(800.0) and row["gemm_fraction"] == pytest.approx(8.0)
     assert row["effective_gflops"] == pytest.approx(1600.0) and row["max_abs_diff_vs_fast"] == 0
     print_table([row], {"resolution": 64, "steps": 4, "threads": 2, "gemm_gflops": 100.0, "gemm_gflops_after": 90.0,
-                        "background_load": True, "ckpt_gb": 1.0})  # fmt: skip
+                        "background_load": True, "ckpt_gb": 1.0, "scale": 1.0})  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
+    assert "guidance 1 (one pass a step)" in lines[0]
     assert "GEMM 100 GFLOP/s before, 90 after; one core kept busy" in lines[0]
     assert lines[-1].split()[:5] == ["fast", "2.50", "3.0", "1.5", "12.5"] and "1600.0" in lines[-1]
 
@@ -200,6 +201,17 @@ def test_time_to_image_summary() -> None:
     ours, theirs = summarize("dpmpp", runs)
     assert (ours["step_s"], ours["steps"], theirs["step_s"]) == (2.0, 4, 3.0)
     assert ours["speedup_vs_diffusers"] == pytest.approx(1.5) and ours["max_diff_vs_diffusers"] == 2
+    assert ours["whole_s_runs"] == [10.0]
+
+
+def test_time_to_image_repeats_take_the_median_run() -> None:
+    """``--repeats``: the run of median whole time stands for an implementation (the lower middle one for an even
+    count), every run's time kept in order."""
+    from benchmarks.presets import median_run
+
+    runs = [{"whole_s": w, "stamps": [w / 2]} for w in (12.0, 10.0, 30.0)]
+    assert median_run(runs) == {"whole_s": 12.0, "stamps": [6.0], "whole_s_runs": [12.0, 10.0, 30.0]}
+    assert median_run(runs[:2])["whole_s"] == 10.0
 
 @torch.no_grad()
 def test_unconditional_pass_with_another_hint_gets_its_own_control(model: torch.nn.Module) -> None:
