@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_only
 
 from cldm.checkpoint import PARTIAL_SUFFIX, CheckpointError, read_checkpoint, replace_atomically
 from cldm.checkpoint import save_checkpoint as write_checkpoint
@@ -59,54 +63,45 @@ class StepCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        """Without ``every_n_train_steps``: a run resumed with another ``--ckpt-every`` gets this state back."""
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        """Lightning's state-key format (class name, then the keys' repr) without ``every_n_train_steps``: a run
+        resumed with another ``--ckpt-every`` gets this state back."""
+        return f"{type(self).__qualname__}{repr({'monitor': self.monitor, 'mode': self.mode})}"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self.saved_step = 0  # the global step of the newest checkpoint this run wrote (0: none)
         if trainer.is_global_zero and self.dirpath is not None and Path(self.dirpath).is_dir():
             for leftover in Path(self.dirpath).glob(f"*.ckpt{PARTIAL_SUFFIX}"):
                 leftover.unlink(missing_ok=True)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        self.saved_step = trainer.global_step
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip_saving_checkpoint(trainer):  # this step is saved already (or nothing ran)
+        """Save the step training ends on, as a step file and ``last.ckpt``, unless it is saved already (or no
+        step ran, or this is not a fit, or ``fast_dev_run``)."""
+        step = trainer.global_step
+        if trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or step == self.saved_step:
             return
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        metrics = {"step": torch.tensor(step), "epoch": torch.tensor(trainer.current_epoch)}
+        # each path is set before its save: the checkpoint holds this callback's state (as Lightning's saves)
+        self.best_model_path = self.format_checkpoint_name(metrics)
+        trainer.save_checkpoint(self.best_model_path)
+        self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(self.last_model_path)
 
 
-class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer that keeps the ``metrics.csv`` it finds: the rows logged before step
-    ``keep_before_step`` stay, later ones (steps the resumed checkpoint does not hold) are dropped."""
-
-    def __init__(self, log_dir: str, keep_before_step: int):
-        self.keep_before_step = keep_before_step
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:  # Lightning's hook deletes metrics.csv here
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = list(reader.fieldnames or [])
-        kept = [row for row in rows if _step_of(row) < self.keep_before_step]
-        if not kept:  # a new run (or one resumed from before its first logged step) starts the file afresh
-            path.unlink()
-            return
-        self.metrics_keys = sorted(header)  # the writer appends with sorted columns
-        if kept == rows and header == self.metrics_keys:
-            return
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="") as out:
-                writer = csv.DictWriter(out, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(kept)
-
-        replace_atomically(path, write)
+def _kept_rows(path: Path, keep_before_step: int) -> tuple[list[dict], list[str]]:
+    """The rows of the ``metrics.csv`` at ``path`` logged before step ``keep_before_step``, and its header (both
+    empty without a file)."""
+    if not path.is_file():
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = list(reader.fieldnames or [])
+    return [row for row in rows if _step_of(row) < keep_before_step], header
 
 
 def _step_of(row: Mapping[str, str]) -> float:
@@ -114,6 +109,29 @@ def _step_of(row: Mapping[str, str]) -> float:
         return float(row.get("step") or "nan")
     except ValueError:
         return float("nan")
+
+
+def appending_writer(log_dir: str, keep_before_step: int) -> ExperimentWriter:
+    """Lightning's CSV writer for ``log_dir`` that keeps the ``metrics.csv`` it finds: the rows logged before step
+    ``keep_before_step`` stay, later ones (steps the resumed checkpoint does not hold) are dropped; with none kept
+    (a new run, or one resumed from before its first logged step) the file starts afresh, as Lightning's does."""
+    path = Path(log_dir) / ExperimentWriter.NAME_METRICS_FILE
+    kept, header = _kept_rows(path, keep_before_step)
+    with warnings.catch_warnings():  # the writer warns of, and deletes, the metrics.csv it finds: read above
+        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        writer = ExperimentWriter(log_dir)
+    path.unlink(missing_ok=True)
+    if kept:
+        writer.metrics_keys = sorted(header)  # the writer appends with sorted columns
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as out:
+                rows = csv.DictWriter(out, fieldnames=writer.metrics_keys)
+                rows.writeheader()
+                rows.writerows(kept)
+
+        replace_atomically(path, write)
+    return writer
 
 
 class AppendingCSVLogger(CSVLogger):
@@ -125,14 +143,21 @@ class AppendingCSVLogger(CSVLogger):
     def __init__(self, save_dir: str | os.PathLike, resume_step: int = 0):
         super().__init__(save_dir, name="", version="")
         self.resume_step = resume_step
+        self.writer: ExperimentWriter | None = None
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(self.log_dir, keep_before_step=self.resume_step)
-        return self._experiment
+        """The run's :func:`appending_writer`, made on first use (rank zero only, as Lightning's)."""
+        if self.writer is None:
+            self.writer = appending_writer(self.log_dir, keep_before_step=self.resume_step)
+        return self.writer
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Write the rows not yet written; a process that made no writer (another rank) has none."""
+        if self.writer is not None:
+            self.save()
 
 
 def read_resume_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> Mapping[str, Any]:
