@@ -164,7 +164,7 @@ def build_trainer(args: argparse.Namespace, ckpt_dir: Path, callbacks: list | No
     strategy = args.strategy
     if strategy == "ddp" and args.only_mid_control:  # the unused zero convs would stop plain DDP
         strategy = "ddp_find_unused_parameters_true"
-    checkpoints = StepCheckpoint(ckpt_dir, every=args.ckpt_every)
+    checkpoints = StepCheckpoint(ckpt_dir, every=args.ckpt_every, resuming=resume_step > 0)
     images = ImageLogger(batch_frequency=args.logger_freq, save_dir=args.log_dir,
                          log_images_kwargs={"ddim_steps": args.log_ddim_steps})  # fmt: skip
     callbacks = [checkpoints, images, TQDMProgressBar(refresh_rate=1), *(callbacks or [])]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -395,6 +396,28 @@ def print_kernels(rows: list[dict]) -> None:
             print(f"{k['kernel']:<46} {k['calls']:5d} {k['seconds']:6.2f} {k['share']:6.0%} {k['tflop']:6.3f} {rate}")
 
 
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags that the runs would only meet after minutes of loading (one line), or None."""
+    from cldm.pipeline import CannyParams
+
+    if args.threads < 0 or args.threads > (os.cpu_count() or 1):
+        return f"--threads must be between 1 and {os.cpu_count()} (0: torch's choice), got {args.threads}"
+    if args.steps < 1:
+        return f"--steps must be at least 1, got {args.steps}"
+    if args.repeats < 1 or (args.repeats > 1 and args.presets is None):
+        return f"--repeats: at least 1, and above 1 only with --presets; got {args.repeats}"
+    if args.presets is not None:
+        if args.scale is not None:
+            return "--scale sets the per-step mode's guidance; each of --presets has its own"
+    elif args.peers:
+        return "--peers: only with --presets"
+    elif args.scale is not None:
+        lo, hi = CannyParams.RANGES["scale"]
+        if not (math.isfinite(args.scale) and lo <= args.scale <= hi):
+            return f"--scale must be between {lo:g} and {hi:g} (the pipeline's range), got {args.scale}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resolution", type=int, default=512, help="image side (default 512; 256 for a quick run)")
@@ -408,14 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT, help="random full-size checkpoint (made if missing)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results.json", help="where to write the table")
     p.add_argument("--profile", action="store_true", help="also profile one step per path, by kernel")
-    p.add_argument("--scale", type=float, default=SCALE,
-                   help=f"guidance scale of the per-step mode (default {SCALE:g}, the reference demo's: a CFG step, "
-                        "two passes; 1: one pass a step, the lcm preset's regime)")  # fmt: skip
+    p.add_argument("--scale", type=float, default=None,
+                   help=f"guidance scale of the per-step mode, in the pipeline's range (default {SCALE:g}, the "
+                        "reference demo's: a CFG step, two passes; 1: one pass a step, the lcm preset's regime)")
     p.add_argument("--presets", default=None,
                    help="time to an image instead: comma-separated presets from reference, dpmpp, lcm, each run by "
                         "this project and by diffusers (benchmarks/presets.py)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1,
-                   help="with --presets: rounds of runs, alternating the order; each row is the median run (default 1)")
+                   help="with --presets: rounds of runs, alternating the order; each row: the median whole time, "
+                        "the other figures from the run nearest it (default 1)")  # fmt: skip
     p.add_argument("--peers", default="",
                    help="with --presets, also run: openvino, openvino-int8 (the openvino and nncf packages), "
                         "sdcpp, sdcpp-q8_0 (stable-diffusion-cpp-python); each skipped, saying so, when not "
@@ -433,12 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.worker.startswith("preset:"):
             return presets.worker(args.worker.removeprefix("preset:"), args)
         return worker(args)
-    if args.repeats < 1 or (args.repeats > 1 and args.presets is None):
-        print(f"error: --repeats: at least 1, and above 1 only with --presets; got {args.repeats}", file=sys.stderr)
+    problem = flag_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 1
-    if args.scale != SCALE and args.presets is not None:
-        print("error: --scale sets the per-step mode's guidance; each of --presets has its own", file=sys.stderr)
-        return 1
+    args.scale = SCALE if args.scale is None else args.scale
     if args.presets is not None:
         names = [x.strip() for x in args.presets.split(",") if x.strip()]
         if not names or set(names) - set(presets.PRESETS):
@@ -463,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    peers = presets.available_peers(args.peers) if args.presets is not None else []
     ensure_checkpoint(args.ckpt)
     if "low-memory" in paths and args.presets is None:
         args.low_memory_ckpt = args.low_memory_ckpt or args.ckpt.with_name(args.ckpt.stem + "_bf16.pth")
@@ -474,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(tmp_name)
             if args.presets is not None:
                 implementations = ["project", *(["diffusers"] if "diffusers" in paths else []),
-                                   *presets.available_peers(args.peers)]  # fmt: skip
+                                   *peers]  # fmt: skip
                 rows = presets.run_presets(names, implementations, args, tmp)
             else:
                 make_inputs(args.ckpt, args.resolution, tmp / "inputs.pt")
@@ -483,10 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if background is not None:
             background.kill()
-    meta = {"resolution": args.resolution, "steps": args.steps, "threads": args.threads or torch.get_num_threads(),
-            "control_end": args.control_end, "scale": args.scale, "repeats": args.repeats,
+    meta = {"resolution": args.resolution, "threads": args.threads or torch.get_num_threads(),
             "gemm_gflops": gemm, "gemm_gflops_after": gemm_after, "background_load": args.background_load,
             "ckpt_gb": args.ckpt.stat().st_size / 1e9, "torch": torch.__version__}  # fmt: skip
+    # what the mode ran: each preset has its own steps and guidance
+    meta |= {"repeats": args.repeats} if args.presets is not None else {
+        "steps": args.steps, "scale": args.scale, "control_end": args.control_end}
     if args.presets is not None:
         presets.print_rows(rows, meta)
     else:

@@ -57,9 +57,12 @@ class StepCheckpoint(ModelCheckpoint):
     - ``*.partial`` files that a killed save left in ``dirpath`` are deleted when training starts.
     """
 
-    def __init__(self, dirpath: str | os.PathLike, every: int):
+    def __init__(self, dirpath: str | os.PathLike, every: int, resuming: bool = False):
+        """``resuming``: the run continues from a checkpoint (its folder holds the run's own files: Lightning's
+        "exists and is not empty" warning is not given)."""
         super().__init__(dirpath=dirpath, filename="{step:06d}", every_n_train_steps=every, save_top_k=-1,
                          save_last=True, enable_version_counter=False)  # fmt: skip
+        self.resuming = resuming
 
     @property
     def state_key(self) -> str:
@@ -68,7 +71,10 @@ class StepCheckpoint(ModelCheckpoint):
         return f"{type(self).__qualname__}{repr({'monitor': self.monitor, 'mode': self.mode})}"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():  # a resumed run finds its own checkpoints there: nothing to warn of
+            if self.resuming:
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
         self.saved_step = 0  # the global step of the newest checkpoint this run wrote (0: none)
         if trainer.is_global_zero and self.dirpath is not None and Path(self.dirpath).is_dir():
             for leftover in Path(self.dirpath).glob(f"*.ckpt{PARTIAL_SUFFIX}"):
@@ -78,18 +84,29 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         self.saved_step = trainer.global_step
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        """Lightning's periodic save, then the step ``max_steps`` stops on: saved here, mid-epoch, its loop state
+        is that of the batch (saved at the end of training, the unfinished epoch would count as done)."""
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self.save_final_step(trainer)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save the step training ends on, as a step file and ``last.ckpt``, unless it is saved already (or no
-        step ran, or this is not a fit, or ``fast_dev_run``)."""
+        """The step of a run that ends otherwise (``max_epochs``: its last epoch is whole)."""
+        self.save_final_step(trainer)
+
+    def save_final_step(self, trainer: pl.Trainer) -> None:
+        """Save the current step as a step file and ``last.ckpt`` unless it is saved already (or no step ran, or
+        this is not a fit, or ``fast_dev_run``)."""
         step = trainer.global_step
         if trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or step == self.saved_step:
             return
         metrics = {"step": torch.tensor(step), "epoch": torch.tensor(trainer.current_epoch)}
         # each path is set before its save: the checkpoint holds this callback's state (as Lightning's saves)
         self.best_model_path = self.format_checkpoint_name(metrics)
-        trainer.save_checkpoint(self.best_model_path)
+        trainer.save_checkpoint(self.best_model_path, weights_only=self.save_weights_only)
         self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
-        trainer.save_checkpoint(self.last_model_path)
+        trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
 
 
 def _kept_rows(path: Path, keep_before_step: int) -> tuple[list[dict], list[str]]:
@@ -112,25 +129,30 @@ def _step_of(row: Mapping[str, str]) -> float:
 
 
 def appending_writer(log_dir: str, keep_before_step: int) -> ExperimentWriter:
-    """Lightning's CSV writer for ``log_dir`` that keeps the ``metrics.csv`` it finds: the rows logged before step
-    ``keep_before_step`` stay, later ones (steps the resumed checkpoint does not hold) are dropped; with none kept
-    (a new run, or one resumed from before its first logged step) the file starts afresh, as Lightning's does."""
+    """Lightning's CSV writer for ``log_dir``. A resumed run (``keep_before_step`` > 0) keeps the ``metrics.csv``
+    it finds: the rows logged before step ``keep_before_step`` stay, later ones (steps the resumed checkpoint does
+    not hold) are dropped. Without rows to keep the file starts afresh, as Lightning's writer does (and says)."""
     path = Path(log_dir) / ExperimentWriter.NAME_METRICS_FILE
-    kept, header = _kept_rows(path, keep_before_step)
-    with warnings.catch_warnings():  # the writer warns of, and deletes, the metrics.csv it finds: read above
-        warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-        writer = ExperimentWriter(log_dir)
-    path.unlink(missing_ok=True)
+    kept, header = _kept_rows(path, keep_before_step) if keep_before_step > 0 else ([], [])
+    keys = sorted(header)  # the writer appends with sorted columns
+    aside = path.with_name(path.name + ".resuming")
     if kept:
-        writer.metrics_keys = sorted(header)  # the writer appends with sorted columns
 
         def write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as out:
-                rows = csv.DictWriter(out, fieldnames=writer.metrics_keys)
+                rows = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore")  # a ragged row's extra cells go
                 rows.writeheader()
                 rows.writerows(kept)
 
-        replace_atomically(path, write)
+        replace_atomically(path, write)  # the old file stays whole if this fails
+        os.replace(path, aside)  # out of the way of Lightning's writer, which deletes a metrics.csv it finds
+    with warnings.catch_warnings():
+        if not path.is_file():  # nothing it would delete: its warning (any file in the folder) would mislead
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        writer = ExperimentWriter(log_dir)
+    if kept:
+        os.replace(aside, path)
+        writer.metrics_keys = keys
     return writer
 
 

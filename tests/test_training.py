@@ -394,6 +394,36 @@ def test_the_final_step_is_always_saved(
     assert all(torch.equal(last["state_dict"][k], v) for k, v in snap.after.items())  # the weights training ended with
 
 
+def test_a_run_stopped_mid_epoch_resumes_in_that_epoch(ini_ckpt: Path, fill50k: Path, tmp_path: Path) -> None:
+    """``--max-steps 3`` (4 batches an epoch) stops mid-epoch on a step that is no save step: its final save holds
+    the batch's loop state, so ``--resume last --max-epochs 2`` runs the rest of epoch 0 and all of epoch 1 (step
+    8), as it does from a periodic save (``--ckpt-every 1``)."""
+    for every in (2, 1):
+        log = tmp_path / f"every{every}"
+        first = with_flags(train_args(ini_ckpt, fill50k, log, "--max-steps", "3"), ["--ckpt-every", str(every)])
+        assert tutorial_train.main(first) == 0
+        snap = Snapshot()
+        assert tutorial_train.main(train_args(ini_ckpt, fill50k, log, "--max-epochs", "2", "--resume", "last"),
+                                   callbacks=[snap]) == 0  # fmt: skip
+        assert snap.global_step == 8, every
+
+
+def test_a_resumed_log_keeps_its_earlier_rows(tmp_path: Path) -> None:
+    """The CSV writer of a resumed run keeps the rows before the resume step (a ragged row's extra cells dropped),
+    header sorted as Lightning appends; a new run's writer starts the file afresh and says so."""
+    from cldm.training import appending_writer
+
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss,epoch\n0,1.5,0\n1,1.25,0\n2,1.0,0,EXTRA\n3,0.5,0\n")
+    writer = appending_writer(str(tmp_path), keep_before_step=3)
+    assert writer.metrics_keys == ["epoch", "loss", "step"]
+    assert metrics.read_text().splitlines() == ["epoch,loss,step", "0,1.5,0", "0,1.25,1", "0,1.0,2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # nothing left aside
+    with pytest.warns(UserWarning, match="Previous log files in this directory will be deleted"):
+        appending_writer(str(tmp_path), keep_before_step=0)
+    assert not metrics.exists()
+
+
 @pytest.mark.slow
 def test_resumed_runs_keep_last_ckpt_newest_and_append_to_the_logs(
     ini_ckpt: Path, fill50k: Path, tmp_path: Path
