@@ -402,16 +402,22 @@ def flag_problem(args: argparse.Namespace) -> str | None:
 
     if args.threads < 0 or args.threads > (os.cpu_count() or 1):
         return f"--threads must be between 1 and {os.cpu_count()} (0: torch's choice), got {args.threads}"
-    if args.steps < 1:
-        return f"--steps must be at least 1, got {args.steps}"
     if args.repeats < 1 or (args.repeats > 1 and args.presets is None):
         return f"--repeats: at least 1, and above 1 only with --presets; got {args.repeats}"
     if args.presets is not None:
-        if args.scale is not None:
-            return "--scale sets the per-step mode's guidance; each of --presets has its own"
-    elif args.peers:
+        per_step = [flag for flag, value in (("--steps", args.steps), ("--scale", args.scale),
+                                             ("--control-end", args.control_end), ("--profile", args.profile or None))
+                    if value is not None]  # fmt: skip
+        if per_step:
+            return f"{', '.join(per_step)}: per-step mode only; each of --presets has its own settings"
+        return None
+    if args.peers:
         return "--peers: only with --presets"
-    elif args.scale is not None:
+    if args.steps is not None and args.steps < 1:
+        return f"--steps must be at least 1, got {args.steps}"
+    if args.control_end is not None and not 0.0 <= args.control_end <= 1.0:  # NaN fails too
+        return f"--control-end must be between 0 and 1 (a fraction of the steps), got {args.control_end}"
+    if args.scale is not None:
         lo, hi = CannyParams.RANGES["scale"]
         if not (math.isfinite(args.scale) and lo <= args.scale <= hi):
             return f"--scale must be between {lo:g} and {hi:g} (the pipeline's range), got {args.scale}"
@@ -421,7 +427,7 @@ def flag_problem(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resolution", type=int, default=512, help="image side (default 512; 256 for a quick run)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps of the per-step mode (default 20)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--paths", default="fast,reference,diffusers,low-memory",
                    help="comma-separated: fast, reference, diffusers, low-memory, compiled (opt-in), reference-api "
@@ -446,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                         "installed")  # fmt: skip
     p.add_argument("--background-load", action="store_true",
                    help="keep one core busy (a one-thread matrix multiply loop) during the runs: a shared machine")
-    p.add_argument("--control-end", type=float, default=1.0,
+    p.add_argument("--control-end", type=float, default=None,
                    help="the project paths' ControlNet window end (fraction of the steps; default 1): the steps "
                         "after it run the UNet alone")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -461,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
+    args.steps = 20 if args.steps is None else args.steps  # the per-step mode's defaults
     args.scale = SCALE if args.scale is None else args.scale
+    args.control_end = 1.0 if args.control_end is None else args.control_end
     if args.presets is not None:
         names = [x.strip() for x in args.presets.split(",") if x.strip()]
         if not names or set(names) - set(presets.PRESETS):

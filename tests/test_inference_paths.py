@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,6 +203,35 @@ def test_time_to_image_summary() -> None:
     assert (ours["step_s"], ours["steps"], theirs["step_s"]) == (2.0, 4, 3.0)
     assert ours["speedup_vs_diffusers"] == pytest.approx(1.5) and ours["max_diff_vs_diffusers"] == 2
     assert ours["whole_s_runs"] == [10.0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--scale", "nan"], "--scale must be between 0.1 and 30"),
+        (["--scale", "0"], "--scale must be between 0.1 and 30"),
+        (["--control-end", "7"], "--control-end must be between 0 and 1"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--threads", "-1"], "--threads must be between 1 and"),
+        (["--repeats", "3"], "--repeats: at least 1, and above 1 only with --presets"),
+        (["--peers", "sdcpp"], "--peers: only with --presets"),
+        (["--presets", "lcm", "--scale", "9", "--profile"], "--scale, --profile: per-step mode only"),
+        (["--presets", "lcm", "--peers", "bogus"], "--peers: unknown peer 'bogus'"),
+    ],
+)
+def test_benchmark_flags_are_checked_before_loading(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """A flag the runs would only meet after minutes of loading is one line and exit 1 at once (no checkpoint is
+    made at the ``--ckpt`` path)."""
+    from benchmarks.bench_canny2image import main
+
+    try:
+        code, err = main([*argv, "--ckpt", str(tmp_path / "c.pth")]), capsys.readouterr().err
+    except SystemExit as refusal:  # benchmarks.presets.available_peers exits with its line
+        code, err = 1, str(refusal.code)
+    assert code == 1 and err.strip().splitlines() == [err.strip()] and err.startswith("error: ") and message in err
+    assert not (tmp_path / "c.pth").exists()
 
 
 def test_time_to_image_repeats_take_the_median_run() -> None:

@@ -419,6 +419,9 @@ def test_a_resumed_log_keeps_its_earlier_rows(tmp_path: Path) -> None:
     assert writer.metrics_keys == ["epoch", "loss", "step"]
     assert metrics.read_text().splitlines() == ["epoch,loss,step", "0,1.5,0", "0,1.25,1", "0,1.0,2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # nothing left aside
+    metrics.rename(tmp_path / "metrics.csv.resuming")  # as a run killed between its renames leaves it
+    assert appending_writer(str(tmp_path), keep_before_step=3).metrics_keys == ["epoch", "loss", "step"]
+    assert len(metrics.read_text().splitlines()) == 4
     with pytest.warns(UserWarning, match="Previous log files in this directory will be deleted"):
         appending_writer(str(tmp_path), keep_before_step=0)
     assert not metrics.exists()
