@@ -133,8 +133,8 @@ def appending_writer(log_dir: str, keep_before_step: int) -> ExperimentWriter:
     it finds: the rows logged before step ``keep_before_step`` stay, later ones (steps the resumed checkpoint does
     not hold) are dropped. Without rows to keep the file starts afresh, as Lightning's writer does (and says)."""
     path = Path(log_dir) / ExperimentWriter.NAME_METRICS_FILE
-    aside = path.with_name(path.name + ".resuming")
-    if aside.is_file() and not path.exists():  # a run killed between the renames below
+    aside = path.with_name(path.name + ".resuming")  # the kept rows while Lightning's writer is made
+    if aside.is_file() and not path.exists():  # a run killed while they were aside
         os.replace(aside, path)
     kept, header = _kept_rows(path, keep_before_step) if keep_before_step > 0 else ([], [])
     keys = sorted(header)  # the writer appends with sorted columns
@@ -146,17 +146,14 @@ def appending_writer(log_dir: str, keep_before_step: int) -> ExperimentWriter:
                 rows.writeheader()
                 rows.writerows(kept)
 
-        replace_atomically(path, write)  # the old file stays whole if this fails
-        os.replace(path, aside)  # out of the way of Lightning's writer, which deletes a metrics.csv it finds
-    try:
-        with warnings.catch_warnings():
-            if not path.is_file():  # nothing it would delete: its warning (any file in the folder) would mislead
-                warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-            writer = ExperimentWriter(log_dir)
-    finally:
-        if kept:
-            os.replace(aside, path)
+        replace_atomically(aside, write)  # metrics.csv stays whole if this fails
+        path.unlink()  # Lightning's writer would delete it (and warn that it will)
+    with warnings.catch_warnings():
+        if not path.is_file():  # nothing it would delete: its warning (any file in the folder) would mislead
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        writer = ExperimentWriter(log_dir)
     if kept:
+        os.replace(aside, path)
         writer.metrics_keys = keys
     return writer
 
